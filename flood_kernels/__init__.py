@@ -1,0 +1,8 @@
+"""flood_kernels: fused cross-entropy with flooding for PyTorch."""
+
+from .backends import available_backends
+from .functional import flooded_cross_entropy
+from .modules import FloodedCrossEntropyLoss
+
+__all__ = ["available_backends", "flooded_cross_entropy", "FloodedCrossEntropyLoss"]
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""The flood transform and the reduction, applied to per-row losses on device.
+
+These are O(N) tensor ops traced by autograd, so the gradient that reaches the per-row losses is exactly
+``grad_output * sign(J - b) / denominator`` (batch flooding) or ``grad_output * sign(l_i - b_i) /
+denominator`` (iFlood). The kernels' backward reads that per-row scale from device memory: the flood sign
+and grad_output cost no extra pass over the N x V gradient, and nothing here synchronizes with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """PyTorch's "mean" denominator: the summed class weight (or the count) of the non-ignored rows."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    safe_target = torch.where(valid, target, 0)
+    return torch.where(valid, weight.to(dtype)[safe_target], 0.0).sum()
+
+
+def flood(loss: Tensor, level: Tensor) -> Tensor:
+    """``|loss - level| + level`` (Ishida et al., 2020): its gradient is ``sign(loss - level)``, 0 at equality."""
+    return (loss - level).abs() + level
+
+
+def reduce_and_flood(
+    losses: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    flood_mode: Optional[str],
+    flood_level: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """Return ``(loss, raw_loss)`` from float32 per-row losses (0 on ignored rows).
+
+    ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels.
+    """
+    if reduction == "mean":
+        denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
+
+    def reduce(values: Tensor) -> Tensor:
+        if reduction == "none":
+            return values
+        total = values.sum()
+        return total / denominator if reduction == "mean" else total
+
+    raw = reduce(losses)
+    if flood_mode is None:
+        return raw, raw.detach()
+    if flood_mode == "batch":
+        return flood(raw, flood_level), raw.detach()
+    valid = target != ignore_index
+    flooded_rows = torch.where(valid, flood(losses, flood_level), 0.0)
+    return reduce(flooded_rows), raw.detach()

@@ -1,0 +1,145 @@
+"""The kernel contract as ``torch.library`` ops: schemas, fake (meta) implementations and autograd.
+
+Every kernel backend provides the same three ops (the C++ extension defines them in ``csrc/`` for CPU and
+CUDA; the Triton backend defines them below with ``torch.library.custom_op``)::
+
+    forward(logits, target, weight?, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+            reverse_ce_log_zero, inplace_backward) -> (losses, lse)
+    backward(grad_losses, logits, target, weight?, lse, <the same scalars>) -> grad_logits
+    backward_(grad_losses, logits!, target, weight?, lse, <the same scalars>) -> ()   # writes into logits
+
+``logits`` is ``(N, V)`` with class stride 1, ``target`` int64 ``(N,)``, ``weight`` ``(V,)`` in the loss
+dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` and ``lse``
+are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. The autograd
+formula registered here is shared by all backends: the per-row ``grad_losses`` that autograd hands over
+already holds grad_output, the flood sign and the mean denominator, and goes straight to the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The op triple of one backend."""
+
+    forward: Callable[..., Tuple[Tensor, Tensor]]
+    backward: Callable[..., Tensor]
+    backward_inplace: Callable[..., None]
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=_loss_dtype(logits)), logits.new_empty(rows, dtype=_loss_dtype(logits))
+
+
+def _fake_backward(grad_losses: Tensor, logits: Tensor, *args: Any) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_backward_inplace(*args: Any) -> None:
+    return None
+
+
+def _writable_in_place(logits: Tensor) -> bool:
+    """Rows must not overlap (an expanded or broadcast input cannot hold a gradient)."""
+    return logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
+
+
+def _make_autograd(ops: KernelOps):
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+        logits, target, weight, *scalars, inplace_backward = inputs
+        _, lse = output
+        ctx.save_for_backward(logits, target, weight, lse)
+        ctx.scalars = tuple(scalars)
+        ctx.inplace_backward = inplace_backward
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx: Any, grad_losses: Tensor, grad_lse: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        logits, target, weight, lse = ctx.saved_tensors
+        grad_losses = grad_losses.to(lse.dtype).contiguous()
+        if ctx.inplace_backward and _writable_in_place(logits):
+            ops.backward_inplace(grad_losses, logits, target, weight, lse, *ctx.scalars)
+            grad_logits = logits
+        else:
+            grad_logits = ops.backward(grad_losses, logits, target, weight, lse, *ctx.scalars)
+        return (grad_logits,) + (None,) * (2 + len(ctx.scalars) + 1)
+
+    return setup_context, backward
+
+
+def register(qualified_names: Tuple[str, str, str], ops: KernelOps) -> KernelOps:
+    """Register the fakes and the autograd formula for one backend's op triple."""
+    forward_name, backward_name, backward_inplace_name = qualified_names
+    torch.library.register_fake(forward_name, _fake_forward)
+    torch.library.register_fake(backward_name, _fake_backward)
+    torch.library.register_fake(backward_inplace_name, _fake_backward_inplace)
+    setup_context, backward = _make_autograd(ops)
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    return ops
+
+
+def _define_triton_ops() -> Optional[KernelOps]:
+    try:
+        from .triton import cross_entropy as triton_ce
+    except ImportError:
+        return None
+
+    @torch.library.custom_op("flood_kernels::triton_forward", mutates_args=())
+    def triton_forward(
+        logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+        z_loss: float, softcap: float, reverse_ce: float, reverse_ce_log_zero: float, inplace_backward: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        return triton_ce.forward(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce, reverse_ce_log_zero
+        )
+
+    @torch.library.custom_op("flood_kernels::triton_backward", mutates_args=())
+    def triton_backward(
+        grad_losses: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+        ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, reverse_ce: float,
+        reverse_ce_log_zero: float,
+    ) -> Tensor:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        triton_ce.backward(grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
+                           softcap, reverse_ce, reverse_ce_log_zero, grad)
+        return grad
+
+    @torch.library.custom_op("flood_kernels::triton_backward_", mutates_args=("logits",))
+    def triton_backward_(
+        grad_losses: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+        ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, reverse_ce: float,
+        reverse_ce_log_zero: float,
+    ) -> None:
+        triton_ce.backward(grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
+                           softcap, reverse_ce, reverse_ce_log_zero, logits)
+
+    return register(
+        ("flood_kernels::triton_forward", "flood_kernels::triton_backward", "flood_kernels::triton_backward_"),
+        KernelOps(triton_forward, triton_backward, triton_backward_),
+    )
+
+
+def _load_extension_ops() -> Optional[KernelOps]:
+    try:
+        from . import _C  # noqa: F401  (loading it registers the ops with the dispatcher)
+    except ImportError:
+        return None
+    ops = torch.ops.flood_kernels
+    return register(
+        ("flood_kernels::forward", "flood_kernels::backward", "flood_kernels::backward_"),
+        KernelOps(ops.forward.default, ops.backward.default, ops.backward_.default),
+    )
+
+
+TRITON_OPS: Optional[KernelOps] = _define_triton_ops()
+EXTENSION_OPS: Optional[KernelOps] = _load_extension_ops()

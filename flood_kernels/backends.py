@@ -1,0 +1,74 @@
+"""Which backend serves which device.
+
+``"reference"`` (pure PyTorch, runs everywhere), ``"triton"`` (CUDA tensors; CPU tensors under
+``TRITON_INTERPRET=1``), ``"cpu"`` and ``"cuda"`` (the C++ extension ``flood_kernels._C``). ``"auto"`` takes
+the first available name of the device's preference list, which never ends without ``"reference"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Union
+
+import torch
+
+from . import _ops
+from ._ops import KernelOps
+
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+BUILD_HINT = "build it with `python3 -m pip install --no-build-isolation -e .` (see README, Install)"
+
+# Fastest first, by measurement: the C++ CPU kernel beats eager PyTorch many times over
+# (benchmarks/results); the Triton interpreter is a test vehicle, never picked by "auto" on CPU.
+_AUTO_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _extension_has(device_type: str) -> bool:
+    if _ops.EXTENSION_OPS is None:
+        return False
+    key = "CPU" if device_type == "cpu" else "CUDA"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("flood_kernels::forward", key)
+
+
+def available_backends(device: Union[str, torch.device]) -> List[str]:
+    """Backend names usable for tensors on ``device``, in the order ``backend="auto"`` prefers them."""
+    device_type = torch.device(device).type
+    usable = {"reference"}
+    if _ops.TRITON_OPS is not None and (
+        (device_type == "cuda" and torch.cuda.is_available()) or (device_type == "cpu" and _triton_interpreter_on())
+    ):
+        usable.add("triton")
+    if device_type in ("cpu", "cuda") and _extension_has(device_type):
+        usable.add(device_type)
+    preference = _AUTO_PREFERENCE.get(device_type, ("reference",))
+    return [name for name in preference if name in usable] + sorted(usable - set(preference))
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``backend`` itself if usable on ``device``, or the choice of "auto"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    usable = available_backends(device)
+    if backend == "auto":
+        return usable[0]
+    if backend in usable:
+        return backend
+    if backend in ("cpu", "cuda") and device.type == backend:
+        raise RuntimeError(f"backend={backend!r} needs the C++ extension flood_kernels._C, which is not built: "
+                           f"{BUILD_HINT}")
+    if backend == "triton" and _ops.TRITON_OPS is None:
+        raise RuntimeError("backend='triton' needs the triton package: python3 -m pip install triton")
+    if backend == "triton" and device.type == "cpu":
+        raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)")
+    raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors; available: {usable}")
+
+
+def kernel_ops(backend: str) -> KernelOps:
+    """The op triple behind a resolved kernel backend name."""
+    ops = _ops.TRITON_OPS if backend == "triton" else _ops.EXTENSION_OPS
+    assert ops is not None, backend
+    return ops

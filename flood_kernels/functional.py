@@ -1,0 +1,91 @@
+"""``flooded_cross_entropy``: cross-entropy with flooding (Ishida et al., 2020) or iFlood (Xie et al., 2022).
+
+The N x V work is one fused kernel op per direction (see :mod:`flood_kernels._ops`); the flood transform
+and the reduction are O(N) device ops (:mod:`flood_kernels._flood`). No host synchronization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from ._flood import reduce_and_flood
+from ._inputs import FloodLevel, LossOptions, as_rows, check_flood_level, check_weight, loss_dtype
+
+
+def row_losses(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions, backend: str,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Per-row losses ``l_i`` of ``(N, V)`` logits on a resolved backend (0 on ignored rows)."""
+    if backend == "reference":
+        return reference.row_losses(
+            logits, target, weight, options.ignore_index, options.label_smoothing, options.z_loss,
+            options.softcap, options.reverse_ce, options.reverse_ce_log_zero,
+        )
+    losses, _ = backends.kernel_ops(backend).forward(
+        logits, target, weight, options.ignore_index, options.label_smoothing, options.z_loss,
+        options.softcap or 0.0, options.reverse_ce, options.reverse_ce_log_zero, inplace_backward,
+    )
+    return losses
+
+
+def flood_row_losses(
+    losses: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions, level: Tensor,
+    row_shape: torch.Size,
+) -> Tuple[Tensor, Tensor]:
+    """Reduce and flood per-row losses; ``(loss, raw_loss)`` with ``reduction='none'`` output reshaped."""
+    loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction, options.flood,
+                                 level)
+    if options.reduction == "none":
+        return loss.reshape(row_shape), raw.reshape(row_shape)
+    return loss, raw
+
+
+def flooded_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    *,
+    flood_level: FloodLevel = 0.0,
+    flood: Optional[str] = "batch",
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    reverse_ce: float = 0.0,
+    reverse_ce_log_zero: float = -4.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    return_raw: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Flooded cross-entropy of logits ``input`` against class indices ``target``.
+
+    Per sample, ``l_i`` is ``F.cross_entropy(..., reduction="none")`` (weights, label smoothing, ignore_index)
+    on ``softcap * tanh(input / softcap)`` when softcap is set, plus ``z_loss * lse_i**2`` and
+    ``reverse_ce * (-reverse_ce_log_zero) * (1 - p_y)`` (symmetric cross-entropy). Then:
+
+    * ``flood="batch"``: ``|J - b| + b`` with ``J`` the mean or sum of ``l_i`` (Ishida et al., 2020);
+    * ``flood="individual"``: ``|l_i - b_i| + b_i`` per sample, then the reduction (iFlood); ``flood_level``
+      may be a float, a 0-d tensor or per-sample levels of the target's shape;
+    * ``flood=None``: plain cross-entropy.
+
+    Layouts are those of ``nn.CrossEntropyLoss``. The loss is float32 for every input dtype (float64 for
+    float64 input). ``inplace_backward=True`` overwrites ``input`` with its gradient during backward (saves
+    N x V memory; ``input`` must not be used afterwards). ``return_raw=True`` also returns the unflooded
+    loss, detached, computed in the same pass.
+    """
+    options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                          reverse_ce_log_zero)
+    logits, flat_target, row_shape = as_rows(input, target)
+    dtype = loss_dtype(logits.dtype)
+    weight = check_weight(weight, logits.shape[1], logits.device, dtype)
+    level = check_flood_level(flood_level, flood, logits.shape[0], row_shape, logits.device, dtype)
+    name = backends.resolve(backend, logits.device)
+    losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
+    loss, raw = flood_row_losses(losses, flat_target, weight, options, level, row_shape)
+    return (loss, raw) if return_raw else loss

@@ -1,0 +1,64 @@
+"""``FloodedCrossEntropyLoss``: a drop-in for ``nn.CrossEntropyLoss`` with flooding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._inputs import FloodLevel, LossOptions
+from .functional import flooded_cross_entropy
+
+
+class FloodedCrossEntropyLoss(nn.Module):
+    """``nn.CrossEntropyLoss`` with the flooding options of :func:`flooded_cross_entropy`.
+
+    Same argument names, defaults and input layouts as ``nn.CrossEntropyLoss``. ``weight`` is a buffer
+    (moves with ``.to()``); a tensor ``flood_level`` is a buffer too, so a schedule can update it in place
+    (``loss_fn.flood_level.fill_(b)``) without recompiling under torch.compile. After each call,
+    ``last_raw_loss`` holds the unflooded loss, detached, for logging.
+    """
+
+    def __init__(
+        self,
+        flood_level: FloodLevel = 0.0,
+        flood: Optional[str] = "batch",
+        weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        reverse_ce: float = 0.0,
+        reverse_ce_log_zero: float = -4.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                                   reverse_ce_log_zero)
+        self.register_buffer("weight", weight)
+        if isinstance(flood_level, Tensor):
+            self.register_buffer("flood_level", flood_level)
+        else:
+            self.flood_level = flood_level
+        self.backend = backend
+        self.last_raw_loss: Optional[Tensor] = None
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        o = self.options
+        loss, raw = flooded_cross_entropy(
+            input, target, flood_level=self.flood_level, flood=o.flood, weight=self.weight,
+            ignore_index=o.ignore_index, reduction=o.reduction, label_smoothing=o.label_smoothing,
+            z_loss=o.z_loss, softcap=o.softcap, reverse_ce=o.reverse_ce, reverse_ce_log_zero=o.reverse_ce_log_zero,
+            backend=self.backend, return_raw=True,
+        )
+        self.last_raw_loss = raw
+        return loss
+
+    def extra_repr(self) -> str:
+        o = self.options
+        level = self.flood_level if not isinstance(self.flood_level, torch.Tensor) else "tensor"
+        return (f"flood={o.flood!r}, flood_level={level}, reduction={o.reduction!r}, "
+                f"ignore_index={o.ignore_index}, label_smoothing={o.label_smoothing}, z_loss={o.z_loss}, "
+                f"softcap={o.softcap}, reverse_ce={o.reverse_ce}, backend={self.backend!r}")
