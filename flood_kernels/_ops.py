@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._inputs import loss_dtype
+
 
 @dataclass(frozen=True)
 class KernelOps:
@@ -33,13 +35,10 @@ class KernelOps:
     backward_inplace: Callable[..., None]
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _fake_forward(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
-    rows = logits.shape[0]
-    return logits.new_empty(rows, dtype=_loss_dtype(logits)), logits.new_empty(rows, dtype=_loss_dtype(logits))
+def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
+    """Uninitialized ``(losses, lse)``; also the forward op's fake implementation."""
+    rows, dtype = logits.shape[0], loss_dtype(logits.dtype)
+    return logits.new_empty(rows, dtype=dtype), logits.new_empty(rows, dtype=dtype)
 
 
 def _fake_backward(grad_losses: Tensor, logits: Tensor, *args: Any) -> Tensor:
@@ -80,7 +79,7 @@ def _make_autograd(ops: KernelOps):
 def register(qualified_names: Tuple[str, str, str], ops: KernelOps) -> KernelOps:
     """Register the fakes and the autograd formula for one backend's op triple."""
     forward_name, backward_name, backward_inplace_name = qualified_names
-    torch.library.register_fake(forward_name, _fake_forward)
+    torch.library.register_fake(forward_name, _empty_row_outputs)
     torch.library.register_fake(backward_name, _fake_backward)
     torch.library.register_fake(backward_inplace_name, _fake_backward_inplace)
     setup_context, backward = _make_autograd(ops)
@@ -99,9 +98,10 @@ def _define_triton_ops() -> Optional[KernelOps]:
         logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
         z_loss: float, softcap: float, reverse_ce: float, reverse_ce_log_zero: float, inplace_backward: bool,
     ) -> Tuple[Tensor, Tensor]:
-        return triton_ce.forward(
-            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce, reverse_ce_log_zero
-        )
+        losses, lse = _empty_row_outputs(logits)
+        triton_ce.forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                          reverse_ce_log_zero, losses, lse)
+        return losses, lse
 
     @torch.library.custom_op("flood_kernels::triton_backward", mutates_args=())
     def triton_backward(

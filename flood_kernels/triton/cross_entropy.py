@@ -232,15 +232,17 @@ def forward(
     softcap: float,
     reverse_ce: float,
     reverse_ce_log_zero: float,
-) -> Tuple[Tensor, Tensor]:
-    """Per-row losses and log-sum-exp of ``(N, V)`` logits (class stride 1); ``softcap == 0`` means none."""
+    losses: Tensor,
+    lse: Tensor,
+) -> None:
+    """Write per-row losses and log-sum-exp of ``(N, V)`` logits (class stride 1) into ``losses``, ``lse``.
+
+    ``softcap == 0`` means no softcap.
+    """
     n_rows, n_classes = logits.shape
     _check_targets_on_cpu(target, n_classes, ignore_index)
-    loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    losses = torch.empty(n_rows, dtype=loss_dtype, device=logits.device)
-    lse = torch.empty(n_rows, dtype=loss_dtype, device=logits.device)
     if n_rows == 0:
-        return losses, lse
+        return
     block, num_warps = _launch_config(n_classes, logits.element_size())
     _forward_kernel[(n_rows,)](
         losses, lse,
@@ -254,7 +256,6 @@ def forward(
         BLOCK_V=block,
         num_warps=num_warps,
     )
-    return losses, lse
 
 
 def backward(

@@ -1,0 +1,141 @@
+"""Public API: argument checking, the module, backend selection, return_raw and torch.compile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch import nn
+
+import flood_kernels
+from flood_kernels import FloodedCrossEntropyLoss, available_backends, flooded_cross_entropy
+
+from helpers import random_logits, random_target
+
+
+def _inputs(n=6, v=10):
+    return random_logits(n, v, "cpu"), random_target(n, v, "cpu")
+
+
+BAD_ARGUMENTS = [
+    (dict(input=torch.randint(0, 3, (4, 10))), TypeError, "input"),
+    (dict(target=torch.rand(6)), TypeError, "target"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
+    (dict(input=torch.tensor(1.0)), ValueError, "input"),
+    (dict(flood="sometimes"), ValueError, "flood"),
+    (dict(reduction="max"), ValueError, "reduction"),
+    (dict(reduction="none"), ValueError, "reduction='none'"),
+    (dict(flood_level=-0.1), ValueError, "flood_level"),
+    (dict(flood_level=float("inf")), ValueError, "flood_level"),
+    (dict(flood_level=float("nan")), ValueError, "flood_level"),
+    (dict(flood_level=torch.tensor(-1.0)), ValueError, "flood_level"),
+    (dict(flood_level=torch.ones(6)), ValueError, "flood='individual'"),
+    (dict(flood="individual", flood_level=torch.ones(5)), ValueError, "flood_level"),
+    (dict(flood_level="high"), TypeError, "flood_level"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(reverse_ce=-1.0), ValueError, "reverse_ce"),
+    (dict(reverse_ce_log_zero=0.5), ValueError, "reverse_ce_log_zero"),
+    (dict(weight=torch.ones(9)), ValueError, "weight"),
+    (dict(weight=torch.ones(10, dtype=torch.long)), TypeError, "weight"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(backend="tpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD_ARGUMENTS, ids=[f"{i}" for i in range(len(BAD_ARGUMENTS))])
+def test_bad_arguments_raise_naming_the_argument(override, error, message):
+    x, target = _inputs()
+    kwargs = dict(override)
+    x = kwargs.pop("input", x)
+    target = kwargs.pop("target", target)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace("'", ".")):
+        flooded_cross_entropy(x, target, **kwargs)
+
+
+def test_module_is_a_drop_in_for_cross_entropy_loss():
+    x, target = _inputs(12, 7)
+    target[3] = 2
+    weight = torch.rand(7) + 0.5
+    for kwargs in (dict(), dict(weight=weight, ignore_index=2, label_smoothing=0.2, reduction="sum"),
+                   dict(reduction="none")):
+        ours = FloodedCrossEntropyLoss(flood=None, **kwargs)(x, target)
+        theirs = nn.CrossEntropyLoss(**kwargs)(x, target)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_module_records_raw_loss_and_floods():
+    x, target = _inputs()
+    loss_fn = FloodedCrossEntropyLoss(flood_level=100.0)
+    loss = loss_fn(x.requires_grad_(True), target)
+    raw = F.cross_entropy(x.detach(), target)
+    torch.testing.assert_close(loss_fn.last_raw_loss, raw)
+    assert not loss_fn.last_raw_loss.requires_grad
+    torch.testing.assert_close(loss.detach(), 200.0 - raw)
+
+
+def test_module_buffers_follow_the_module():
+    level = torch.tensor(0.5)
+    loss_fn = FloodedCrossEntropyLoss(flood_level=level, weight=torch.ones(10)).to(torch.float64)
+    assert set(loss_fn.state_dict()) == {"weight", "flood_level"}
+    loss_fn.flood_level.fill_(3.0)
+    x, target = _inputs()
+    raw = F.cross_entropy(x, target)
+    torch.testing.assert_close(loss_fn(x, target), (raw.double() - 3.0).abs().float() + 3.0)
+
+
+def test_return_raw():
+    x, target = _inputs()
+    loss, raw = flooded_cross_entropy(x, target, flood_level=50.0, return_raw=True)
+    torch.testing.assert_close(raw, F.cross_entropy(x, target))
+    torch.testing.assert_close(loss, 100.0 - raw)
+
+
+def test_available_backends_and_explicit_choice():
+    cpu = available_backends("cpu")
+    assert cpu[-1] != "auto" and "reference" in cpu
+    assert ("triton" in cpu) == (os.environ.get("TRITON_INTERPRET") == "1" and flood_kernels._ops.TRITON_OPS is not None)
+    x, target = _inputs()
+    if "cpu" not in cpu:
+        with pytest.raises(RuntimeError, match="pip install"):
+            flooded_cross_entropy(x, target, backend="cpu")
+    with pytest.raises(RuntimeError, match="cuda"):
+        flooded_cross_entropy(x, target, backend="cuda")
+    auto = flooded_cross_entropy(x, target, flood_level=0.3)
+    reference = flooded_cross_entropy(x, target, flood_level=0.3, backend="reference")
+    torch.testing.assert_close(auto, reference)
+
+
+@pytest.mark.parametrize("backend,compiler", [(b, "aot_eager") for b in available_backends("cpu")]
+                         + [("auto", "inductor")])
+def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, compiler):
+    """AOT autograd traces the ops through their fakes; a new level value in the tensor never recompiles."""
+    torch._dynamo.reset()
+    model = nn.Linear(8, 20)
+    level = torch.tensor(0.0)
+    counter = CompileCounterWithBackend(compiler)
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(h, target, level):
+        loss, raw = flooded_cross_entropy(model(h), target, flood_level=level, return_raw=True, backend=backend)
+        return loss, raw
+
+    h = torch.randn(16, 8)
+    target = random_target(16, 20, "cpu", ignore_fraction=0.2)
+    for value in (0.0, 50.0):
+        level.fill_(value)
+        model.zero_grad()
+        loss, raw = step(h, target, level)
+        loss.backward()
+        compiled_grad = model.weight.grad.clone()
+        model.zero_grad()
+        expected = (F.cross_entropy(model(h), target) - value).abs() + value
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled_grad, model.weight.grad, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1

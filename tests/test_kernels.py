@@ -1,0 +1,335 @@
+"""Every kernel backend against the float64 reference, on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flood_kernels import flooded_cross_entropy
+
+from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
+                     random_logits, random_target, reference64, requires_cuda)
+
+pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+@pytest.mark.parametrize("flood,reduction", [
+    ("batch", "mean"), ("batch", "sum"), ("individual", "mean"), ("individual", "none"), (None, "mean"),
+    (None, "none"),
+])
+def test_options_match_reference(device, backend, option_set, flood, reduction):
+    n, v = 13, 67
+    options = materialize(OPTION_SETS[option_set], v, device)
+    x = random_logits(n, v, device)
+    target = random_target(n, v, device, ignore_fraction=0.2, ignore_index=options.get("ignore_index", -100))
+    kwargs = dict(options, flood=flood, reduction=reduction, flood_level=1.5)
+    grad_output = -2.5
+    loss, raw, grad = loss_and_grad(x, target, grad_output, backend=backend, **kwargs)
+    ref_loss, ref_raw, ref_grad = reference64(x, target, grad_output, **kwargs)
+    assert_loss_close(loss, ref_loss)
+    assert_loss_close(raw, ref_raw)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("grad_output", [1.0, -1.0, 1e4])
+def test_batch_flooding_flips_the_gradient_below_the_level(device, backend, grad_output):
+    n, v = 8, 50
+    x = random_logits(n, v, device)
+    target = random_target(n, v, device)
+    _, raw, plain_grad = loss_and_grad(x, target, grad_output, backend=backend, flood=None)
+    above_level = raw.item() + 1.0
+    below_level = raw.item() - 1.0
+    loss_up, _, grad_up = loss_and_grad(x, target, grad_output, backend=backend, flood_level=above_level)
+    loss_down, _, grad_down = loss_and_grad(x, target, grad_output, backend=backend, flood_level=below_level)
+    torch.testing.assert_close(loss_up, 2 * above_level - raw, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_down, raw, rtol=0, atol=0)
+    torch.testing.assert_close(grad_up, -plain_grad, rtol=0, atol=0)
+    torch.testing.assert_close(grad_down, plain_grad, rtol=0, atol=0)
+    ref_loss, _, ref_grad = reference64(x, target, grad_output, flood_level=above_level)
+    assert_loss_close(loss_up, ref_loss)
+    assert_grad_close(grad_up, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_gradient_is_zero_at_the_flood_level(device, backend):
+    x = random_logits(6, 20, device)
+    target = random_target(6, 20, device)
+    raw = flooded_cross_entropy(x, target, flood=None, backend=backend)
+    _, _, grad = loss_and_grad(x, target, backend=backend, flood_level=raw)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_sample_levels(device, backend, reduction):
+    n, v = 16, 40
+    x = random_logits(n, v, device)
+    target = random_target(n, v, device, ignore_fraction=0.2)
+    per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
+    # Half of the rows below their level, half above.
+    levels = (per_row + torch.where(torch.arange(n, device=device) % 2 == 0, 0.5, -0.5)).clamp_min(0)
+    kwargs = dict(flood="individual", flood_level=levels, reduction=reduction)
+    loss, _, grad = loss_and_grad(x, target, 0.75, backend=backend, **kwargs)
+    ref_loss, _, ref_grad = reference64(x, target, 0.75, **kwargs)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("option_set", ["plain", "everything"])
+def test_half_precision(device, backend, dtype, option_set):
+    """Loss within 1e-5 of the float64 value of the same half numbers; gradients within 1 ulp."""
+    n, v = 9, 301
+    options = materialize(OPTION_SETS[option_set], v, device)
+    x = random_logits(n, v, device, dtype=dtype)
+    target = random_target(n, v, device, ignore_fraction=0.2, ignore_index=options.get("ignore_index", -100))
+    for flood_level in (0.0, 50.0):
+        loss, raw, grad = loss_and_grad(x, target, 3.0, backend=backend, flood_level=flood_level, **options)
+        ref_loss, ref_raw, ref_grad = reference64(x, target, 3.0, flood_level=flood_level, **options)
+        assert loss.dtype == torch.float32
+        assert_loss_close(loss, ref_loss)
+        assert_loss_close(raw, ref_raw)
+        assert_grad_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("v", [1, 2, 4097, 8195])
+def test_vocabulary_sizes(device, backend, v):
+    """V = 1, and V just past one and two blocks of the widest fp32 / half configurations."""
+    n = 3
+    for dtype in (torch.float32, torch.bfloat16):
+        x = random_logits(n, v, device, dtype=dtype)
+        target = random_target(n, v, device)
+        loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=0.1, label_smoothing=0.1)
+        ref_loss, _, ref_grad = reference64(x, target, flood_level=0.1, label_smoothing=0.1)
+        assert_loss_close(loss, ref_loss)
+        assert_grad_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_single_row_and_empty_batch(device, backend):
+    x = random_logits(1, 33, device)
+    target = random_target(1, 33, device)
+    loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=7.0)
+    ref_loss, _, ref_grad = reference64(x, target, flood_level=7.0)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+    empty = random_logits(0, 33, device).requires_grad_(True)
+    empty_target = torch.zeros(0, dtype=torch.long, device=device)
+    total = flooded_cross_entropy(empty, empty_target, reduction="sum", flood_level=1.0, backend=backend)
+    total.backward()
+    assert total.item() == 2.0 and empty.grad.shape == (0, 33)
+    assert torch.isnan(flooded_cross_entropy(empty, empty_target, flood=None, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_all_targets_ignored(device, backend):
+    """Like PyTorch: mean -> NaN (0 / 0), sum -> 0; gradients are exact zeros either way."""
+    x = random_logits(5, 30, device)
+    target = torch.full((5,), -100, device=device)
+    mean_loss, _, mean_grad = loss_and_grad(x, target, backend=backend, flood=None)
+    assert torch.isnan(mean_loss)
+    assert torch.isnan(torch.nn.functional.cross_entropy(x, target))
+    sum_loss, _, sum_grad = loss_and_grad(x, target, backend=backend, reduction="sum", flood_level=0.5)
+    assert sum_loss.item() == 1.0
+    assert torch.equal(mean_grad, torch.zeros_like(x)) and torch.equal(sum_grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_ignored_rows_get_exact_zero_gradient_even_with_nan_logits(device, backend):
+    x = random_logits(4, 30, device)
+    x[1] = float("nan")
+    target = random_target(4, 30, device)
+    target[1] = -100
+    loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=0.3)
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    kept = [0, 2, 3]
+    ref_loss, _, ref_grad = reference64(x[kept], target[kept], flood_level=0.3)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad[kept], ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_nan_and_inf_propagate(device, backend):
+    x = random_logits(4, 30, device)
+    target = random_target(4, 30, device)
+    x[2, 5] = float("nan")
+    per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
+    assert torch.isnan(per_row[2]) and torch.isfinite(per_row[[0, 1, 3]]).all()
+    assert torch.isnan(flooded_cross_entropy(x, target, flood_level=0.1, backend=backend))
+    x[2, 5] = float("inf")
+    assert torch.isnan(flooded_cross_entropy(x, target, flood_level=0.1, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_masked_vocabulary_with_minus_inf(device, backend):
+    """-inf logits (masked classes), also filling whole leading blocks, give the reference's finite loss."""
+    n, v = 4, 5000
+    x = random_logits(n, v, device)
+    x[:, : v - 40] = float("-inf")
+    target = torch.randint(v - 40, v, (n,), device=device)
+    loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=0.2, z_loss=1e-3)
+    ref_loss, _, ref_grad = reference64(x, target, flood_level=0.2, z_loss=1e-3)
+    assert torch.isfinite(loss)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_strided_and_multidimensional_inputs(device, backend):
+    n, v = 6, 45
+    wide = random_logits(n, v + 19, device)
+    x = wide[:, 3: v + 3]  # row stride v + 19
+    target = random_target(n, v, device)
+    loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=2.0)
+    ref_loss, _, ref_grad = reference64(x, target, flood_level=2.0)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+    transposed = random_logits(v, n, device).t()  # class stride != 1: copied
+    loss, _, grad = loss_and_grad(transposed, target, backend=backend, flood_level=2.0)
+    ref_loss, _, ref_grad = reference64(transposed, target, flood_level=2.0)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+    images = (torch.randn(2, v, 3, 4) * 3).to(device)  # (N, C, d1, d2)
+    pixel_target = torch.randint(0, v, (2, 3, 4), device=device)
+    for reduction, flood in (("mean", "batch"), ("none", "individual")):
+        loss, _, grad = loss_and_grad(images, pixel_target, backend=backend, reduction=reduction, flood=flood,
+                                      flood_level=3.0)
+        ref_loss, _, ref_grad = reference64(images, pixel_target, reduction=reduction, flood=flood, flood_level=3.0)
+        assert loss.shape == ref_loss.shape == ((2, 3, 4) if reduction == "none" else ())
+        assert_loss_close(loss, ref_loss)
+        assert_grad_close(grad, ref_grad, torch.float32)
+
+    single = random_logits(1, v, device)[0]  # (C,) with a 0-d target
+    loss, _, grad = loss_and_grad(single, target[0], backend=backend, flood_level=0.5)
+    ref_loss, _, ref_grad = reference64(single, target[0], flood_level=0.5)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_inplace_backward_overwrites_only_when_asked(device, backend):
+    n, v = 7, 90
+    base = random_logits(n, v, device)
+    target = random_target(n, v, device, ignore_fraction=0.3)
+    ref_loss, _, ref_grad = reference64(base, target, -1.5, flood_level=9.0, label_smoothing=0.1)
+
+    x = base.clone().requires_grad_(True)
+    logits = x * 1.0  # a non-leaf, as an LM head output would be
+    (flooded_cross_entropy(logits, target, flood_level=9.0, label_smoothing=0.1, backend=backend) * -1.5).backward()
+    assert torch.equal(logits.detach(), base), "default backward must not modify the logits"
+    assert_grad_close(x.grad, ref_grad, torch.float32)
+
+    x = base.clone().requires_grad_(True)
+    logits = x * 1.0
+    loss = flooded_cross_entropy(logits, target, flood_level=9.0, label_smoothing=0.1, inplace_backward=True,
+                                 backend=backend)
+    (loss * -1.5).backward()
+    assert_loss_close(loss.detach(), ref_loss)
+    assert_grad_close(x.grad, ref_grad, torch.float32)
+    assert_grad_close(logits.detach(), ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_out_of_range_target(device, backend):
+    x = random_logits(3, 10, device)
+    target = torch.tensor([1, 10, 2], device=device)
+    if device == "cpu":
+        with pytest.raises(IndexError):
+            flooded_cross_entropy(x, target, backend=backend)
+        with pytest.raises(IndexError):
+            flooded_cross_entropy(x, torch.tensor([1, -3, 2], device=device), backend=backend)
+    else:
+        per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
+        assert torch.isnan(per_row[1]) and torch.isfinite(per_row[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_gradcheck_float64(device, backend):
+    x = random_logits(4, 11, device, dtype=torch.float64).requires_grad_(True)
+    target = random_target(4, 11, device)
+    target[0] = -100
+    weight = (torch.rand(11, dtype=torch.float64) + 0.5).to(device)
+    for kwargs in (
+        dict(flood_level=0.5, label_smoothing=0.2, weight=weight, z_loss=0.01),
+        dict(flood_level=40.0, softcap=2.0, reverse_ce=0.3),
+        dict(flood="individual", flood_level=1.0, reduction="none"),
+    ):
+        assert torch.autograd.gradcheck(
+            lambda t: flooded_cross_entropy(t, target, backend=backend, **kwargs), (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_ops_pass_opcheck(device, backend):
+    from flood_kernels import backends
+
+    ops = backends.kernel_ops(backend)
+    x = random_logits(5, 37, device)
+    target = random_target(5, 37, device, ignore_fraction=0.3)
+    weight = (torch.rand(37) + 0.5).to(device)
+    scalars = (-100, 0.1, 1e-3, 3.0, 0.2, -4.0)
+    x_grad = x.clone().requires_grad_(True)
+    torch.library.opcheck(ops.forward, (x_grad, target, weight) + scalars + (False,))
+    _, lse = ops.forward(x, target, weight, *scalars, False)
+    grad_losses = torch.randn(5, device=device)
+    torch.library.opcheck(ops.backward, (grad_losses, x, target, weight, lse) + scalars)
+    torch.library.opcheck(ops.backward_inplace, (grad_losses, x.clone(), target, weight, lse) + scalars)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_cuda_graph_capture(backend):
+    """No host synchronization: forward + backward replay inside a CUDA graph with a new flood level."""
+    n, v = 64, 1000
+    x = random_logits(n, v, "cuda").requires_grad_(True)
+    target = random_target(n, v, "cuda")
+    level = torch.tensor(0.0, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = None
+            flooded_cross_entropy(x, target, flood_level=level, backend=backend).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = flooded_cross_entropy(x, target, flood_level=level, backend=backend)
+        loss.backward()
+    for flood_level in (0.0, 100.0):
+        level.fill_(flood_level)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, _, ref_grad = reference64(x.detach(), target, flood_level=flood_level)
+        assert_loss_close(loss.detach(), ref_loss)
+        assert_grad_close(x.grad, ref_grad, torch.float32)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_64bit_offsets(backend):
+    """N x V >= 2**31 elements: rows past the int32 range are addressed correctly."""
+    n, v = 16400, 131072
+    assert n * v >= 2**31
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    rows = torch.tensor([0, n // 2, n - 2, n - 1], device="cuda")
+    per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
+    ref = torch.nn.functional.cross_entropy(x[rows].double(), target[rows], reduction="none")
+    torch.testing.assert_close(per_row[rows].double(), ref, rtol=1e-5, atol=1e-5)
+    grad_losses = torch.zeros(n, device="cuda")
+    grad_losses[rows] = 1.0
+    x.requires_grad_(True)
+    per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend, inplace_backward=True)
+    per_row.backward(grad_losses)
+    x64 = x.detach()[rows].double().requires_grad_(True)
+    torch.nn.functional.cross_entropy(x64, target[rows], reduction="sum").backward()
+    assert_grad_close(x.grad[rows], x64.grad, torch.bfloat16)
