@@ -1,0 +1,284 @@
+"""Benchmark flooded cross-entropy: every backend of ours next to the plain PyTorch one-liner and peers.
+
+``python -m flood_kernels.bench`` measures, on one device in one run, the copy bandwidth and then for each
+shape and each flood phase (``descent``: J > b; ``ascent``: J < b) the forward+backward (and optionally
+forward-only) time of each implementation, its achieved bandwidth, its fraction of the byte floor and its
+peak extra memory, and writes ``results.json``, ``results.md`` and (with matplotlib) PNG plots.
+
+Byte floors, for ``N x V`` logits of ``e`` bytes per element at the measured copy bandwidth ``B``:
+``1R+1W = 2 N V e / B`` (read the logits once, write the gradient once: what a kernel that keeps a row on
+chip needs) and ``2R+1W = 3 N V e / B`` (forward read, backward read + write: the two-pass design).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import available_backends, flooded_cross_entropy
+
+PHASE_LEVELS = {"descent": 0.0, "ascent": 50.0}  # b below / above a CE of ~log(V) at random logits
+SHAPE_SETS = {
+    "cpu": [(4096, 32000, "float32"), (1024, 32000, "bfloat16"), (256, 1000, "float32")],
+    "quick": [(8192, 32000, "bfloat16"), (16384, 128256, "bfloat16"), (256, 1000, "float32")],
+    "issue2": [(n, v, "bfloat16") for n in (8192, 16384) for v in (32000, 128256, 256000)],
+    "llm": [(n, v, dtype) for dtype in ("bfloat16", "float32") for n in (4096, 16384, 65536)
+            for v in (32000, 50257, 128256, 151936, 256000)],
+    "classification": [(n, v, dtype) for dtype in ("float32", "bfloat16") for n in (128, 256, 1024)
+                       for v in (10, 100, 1000, 21843)],
+}
+
+
+@dataclass
+class Record:
+    """One timed (implementation, shape, phase, pass) cell."""
+
+    implementation: str
+    n: int
+    v: int
+    dtype: str
+    phase: str
+    mode: str  # "fwd+bwd" or "fwd"
+    ms: float
+    gbps: float
+    pct_floor_1r1w: float
+    pct_floor_2r1w: float
+    peak_extra_mb: Optional[float]
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_reps: int = 200,
+            warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    budget_end = time.perf_counter() + min_seconds
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() < budget_end):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, min_seconds=0.5)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def _one_liner(upcast: bool) -> Callable:
+    def loss(x: torch.Tensor, target: torch.Tensor, level: float) -> torch.Tensor:
+        return (F.cross_entropy(x.float() if upcast else x, target) - level).abs() + level
+    return loss
+
+
+def implementations(device: torch.device, with_compile: bool = True) -> Dict[str, Callable]:
+    """name -> loss(x, target, level); ours per backend, the one-liners, torch.compile and installed peers."""
+    impls: Dict[str, Callable] = {}
+    for backend in available_backends(device):
+        if backend == "reference" or (backend == "triton" and device.type == "cpu"):
+            continue
+        impls[f"flood_kernels[{backend}]"] = (
+            lambda x, t, b, _backend=backend: flooded_cross_entropy(x, t, flood_level=b, backend=_backend))
+    impls["eager (upcast)"] = _one_liner(upcast=True)
+    impls["eager"] = _one_liner(upcast=False)
+    if with_compile:
+        impls["torch.compile (upcast)"] = torch.compile(_one_liner(upcast=True), dynamic=False)
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+        impls["liger"] = lambda x, t, b: (liger(x, t) - b).abs() + b
+    except ImportError:
+        pass
+    return impls
+
+
+def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, phase: str, mode: str,
+             device: torch.device, bandwidth: float, min_seconds: float) -> Record:
+    generator = torch.Generator().manual_seed(n * 7919 + v)
+    x = (torch.randn(n, v, generator=generator) * 2).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), generator=generator).to(device)
+    level = PHASE_LEVELS[phase]
+    if mode == "fwd+bwd":
+        x.requires_grad_(True)
+
+        def step() -> None:
+            x.grad = None
+            loss_fn(x, target, level).backward()
+    else:
+        def step() -> None:
+            with torch.no_grad():
+                loss_fn(x, target, level)
+    ms = time_ms(step, device, min_seconds=min_seconds)
+    peak = _peak_extra_mb(step, device)
+    logits_bytes = n * v * x.element_size()
+    moved = 3 * logits_bytes if mode == "fwd+bwd" else logits_bytes
+    floor_1r1w_ms = (2 if mode == "fwd+bwd" else 1) * logits_bytes / (bandwidth * 1e9) * 1e3
+    floor_2r1w_ms = moved / (bandwidth * 1e9) * 1e3
+    return Record(name, n, v, str(dtype).replace("torch.", ""), phase, mode, ms, moved / (ms * 1e-3) / 1e9,
+                  100 * floor_1r1w_ms / ms, 100 * floor_2r1w_ms / ms, peak)
+
+
+def _fits(n: int, v: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Skip shapes whose logits, gradient and an fp32 upcast copy would not fit the device."""
+    need = n * v * (2 * torch.tensor([], dtype=dtype).element_size() + 8)
+    if device.type == "cuda":
+        return need < 0.8 * torch.cuda.mem_get_info(device)[0]
+    return need < 8 * 2**30
+
+
+def markdown_table(records: Sequence[Record], bandwidth: float, device_name: str) -> str:
+    """One row per record, with the ratio of the eager one-liners' time to ours per cell."""
+    lines = [f"Device: {device_name}; copy bandwidth {bandwidth:.0f} GB/s (read + write).", "",
+             "| N | V | dtype | phase | pass | implementation | ms | GB/s | % of 1R+1W floor | % of 2R+1W floor "
+             "| peak extra MB | eager (upcast) / this |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_cell: Dict[Tuple, Dict[str, Record]] = {}
+    for r in records:
+        by_cell.setdefault((r.n, r.v, r.dtype, r.phase, r.mode), {})[r.implementation] = r
+    for cell, impls in by_cell.items():
+        eager = impls.get("eager (upcast)")
+        for r in impls.values():
+            ratio = f"{eager.ms / r.ms:.2f}x" if eager else "-"
+            peak = f"{r.peak_extra_mb:.0f}" if r.peak_extra_mb is not None else "-"
+            lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.phase} | {r.mode} | {r.implementation} | {r.ms:.3f} | "
+                         f"{r.gbps:.0f} | {r.pct_floor_1r1w:.0f}% | {r.pct_floor_2r1w:.0f}% | {peak} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: Sequence[Record], out_dir: str) -> List[str]:
+    """Time and % of the 1R+1W floor against V, one line per implementation (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    groups: Dict[Tuple, List[Record]] = {}
+    for r in records:
+        groups.setdefault((r.n, r.dtype, r.phase, r.mode), []).append(r)
+    for (n, dtype, phase, mode), rows in groups.items():
+        if len({r.v for r in rows}) < 2:
+            continue
+        fig, (ax_time, ax_floor) = plt.subplots(1, 2, figsize=(11, 4))
+        for impl in sorted({r.implementation for r in rows}):
+            points = sorted((r.v, r.ms, r.pct_floor_1r1w) for r in rows if r.implementation == impl)
+            ax_time.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+            ax_floor.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=impl)
+        ax_time.set(xscale="log", yscale="log", xlabel="V", ylabel="ms", title=f"N={n} {dtype} {phase} {mode}")
+        ax_floor.set(xscale="log", xlabel="V", ylabel="% of 1R+1W byte floor", ylim=(0, 100))
+        ax_time.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"bench_N{n}_{dtype}_{phase}_{mode.replace('+', '')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    sys.stderr.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=None, choices=sorted(SHAPE_SETS),
+                        help="shape set (default: 'quick' on GPU, 'cpu' on CPU)")
+    parser.add_argument("--phases", default="descent,ascent")
+    parser.add_argument("--modes", default="fwd+bwd", help="comma list of fwd+bwd, fwd")
+    parser.add_argument("--only", default=None, help="comma list of implementation names to run")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
+    parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per cell")
+    parser.add_argument("--out", default="bench_out", help="directory for results.json / results.md / PNGs")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    shapes = SHAPE_SETS[args.shapes or ("quick" if device.type == "cuda" else "cpu")]
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.3 if device.type == "cuda" else 2.0)
+    impls = implementations(device, with_compile=not args.no_compile)
+    if args.only:
+        wanted = set(args.only.split(","))
+        impls = {name: fn for name, fn in impls.items() if name in wanted}
+    bandwidth = copy_bandwidth_gbps(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    cells = [(shape, phase, mode) for shape in shapes for phase in args.phases.split(",")
+             for mode in args.modes.split(",") if _fits(shape[0], shape[1], getattr(torch, shape[2]), device)]
+    records: List[Record] = []
+    total = len(cells) * len(impls)
+    for (n, v, dtype_name), phase, mode in cells:
+        for name, fn in impls.items():
+            _progress(len(records), total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
+            try:
+                records.append(run_case(name, fn, n, v, getattr(torch, dtype_name), phase, mode, device, bandwidth,
+                                        min_seconds))
+            except torch.OutOfMemoryError:
+                total -= 1
+                torch.cuda.empty_cache()
+    _progress(total, total, "done")
+    sys.stderr.write("\n")
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": device_name, "copy_bandwidth_gbps": bandwidth, "torch": torch.__version__,
+            "command": "python -m flood_kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "records": [asdict(r) for r in records]}, f, indent=1)
+    table = markdown_table(records, bandwidth, device_name)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"`{meta['command']}` (torch {torch.__version__})\n\n" + table)
+    plots = plot(records, args.out)
+    print(table)
+    print(f"wrote {args.out}/results.json, results.md" + (f" and {len(plots)} plot(s)" if plots else ""))
+    return 0 if all(math.isfinite(r.ms) for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
