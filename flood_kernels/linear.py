@@ -1,0 +1,345 @@
+"""Fused ``F.linear`` + flooded cross-entropy that never holds the ``N x V`` logits.
+
+Rows are processed in chunks of ``C`` rows: ``logits = h_c @ W.T + b`` (``C x V``, the input's dtype); the
+backend's cross-entropy kernel gives the per-row losses and overwrites the chunk's logits with their gradient
+``g``; then ``grad_input_c = g @ W``, ``grad_W += g.T @ h_c`` and ``grad_b += g.sum(0)``. Memory beyond the
+inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB) and, with
+``accumulate_in_fp32`` and low-precision weights, the float32 ``V x D`` and ``V`` accumulators.
+
+How the loss's scale reaches the gradients. The per-row losses ``l`` go through the flood transform and the
+reduction by autograd (:func:`flood_kernels.functional.flood_row_losses`), whose gradient is
+``d loss / d l_i = c * f_i``: a scalar ``c`` (grad_output, the batch flood sign, the mean denominator) times a
+row factor known in forward, ``f_i = [y_i != ignore_index]`` (batch flooding, no flooding) or
+``f_i = [y_i != ignore_index] * sign(l_i - b_i)`` (iFlood). So forward computes the gradients of
+``sum_i f_i l_i`` (three matmuls per chunk, nothing recomputed) and backward multiplies them by ``c``, read on
+device from a row with ``f_i != 0``: no host synchronization, no ``N x V`` work after forward. With
+``reduction="none"`` the row scales are the caller's ``grad_output_i``, unknown in forward, so forward only
+computes the losses and backward recomputes each chunk's logits (four matmuls in all instead of three).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import backends
+from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
+from .functional import flood_row_losses, row_losses
+
+_CHUNK_BYTES = 1 << 28
+
+
+def default_chunk_size(classes: int, element_size: int) -> int:
+    """Rows per chunk: the largest power of two whose ``rows x classes`` logits fit in 256 MiB (at least 1)."""
+    rows = max(1, _CHUNK_BYTES // (classes * element_size))
+    return 1 << (rows.bit_length() - 1)
+
+
+def _kernel_scalars(options: LossOptions) -> Tuple[object, ...]:
+    return (options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0,
+            options.reverse_ce, options.reverse_ce_log_zero)
+
+
+def _chunk_logits(h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> Tensor:
+    if linear_bias is None:
+        return torch.mm(h, linear_weight.t())
+    return torch.addmm(linear_bias, h, linear_weight.t())
+
+
+def _chunk_losses(logits: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions,
+                  backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-row losses and log-sum-exp (None for the reference backend) of one chunk of logits."""
+    if backend == "reference":
+        return row_losses(logits, target, weight, options, backend), None
+    return backends.kernel_ops(backend).forward(logits, target, weight, *_kernel_scalars(options), False)
+
+
+def _chunk_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], lse: Optional[Tensor], scale: Tensor,
+                 options: LossOptions, backend: str) -> Tensor:
+    """``scale_i * d l_i / d logits`` of one chunk: kernel backends write it over ``logits``."""
+    if backend == "reference":
+        with torch.enable_grad():
+            logits = logits.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(row_losses(logits, target, weight, options, backend), logits, scale)
+        return grad
+    backends.kernel_ops(backend).backward_inplace(scale, logits, target, weight, lse, *_kernel_scalars(options))
+    return logits
+
+
+def _row_factor(losses: Tensor, target: Tensor, level: Tensor, options: LossOptions) -> Tensor:
+    """``f_i`` of the module docstring: ``d loss / d l_i`` up to one scalar, for the non-"none" reductions."""
+    valid = target != options.ignore_index
+    if options.flood == "individual":
+        return torch.where(valid, torch.sign(losses - level), 0.0)
+    return valid.to(losses.dtype)
+
+
+def _uniform_scale(grad_losses: Tensor, factor: Tensor) -> Tensor:
+    """The scalar ``c`` with ``grad_losses == c * factor``, as a 1-element tensor (0 when every factor is 0)."""
+    if factor.numel() == 0:
+        return factor.new_zeros(1)
+    pivot = factor.abs().argmax()
+    f = factor[pivot]  # -1, 0 or 1, so multiplying by it divides by it exactly
+    return torch.where(f != 0, grad_losses[pivot] * f, 0.0).reshape(1)
+
+
+def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``buffer * scale`` computed in the scale's precision, as ``dtype``; reuses ``buffer`` when it has ``dtype``."""
+    if buffer is None:
+        return None
+    if scale is None:
+        return buffer.to(dtype)
+    out = buffer if buffer.dtype == dtype else torch.empty_like(buffer, dtype=dtype)
+    return torch.mul(buffer, scale, out=out)
+
+
+class _Gradients:
+    """Gradient buffers filled chunk by chunk: grad_input rows in the input's dtype (each row is one matmul),
+    grad_W and grad_b sums in float32 (``accumulate_in_fp32`` with low-precision weights) or the weight's dtype."""
+
+    def __init__(self, h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], needs: Tuple[bool, ...],
+                 accumulate_in_fp32: bool) -> None:
+        def accumulator(param: Tensor) -> Tensor:
+            dtype = torch.promote_types(param.dtype, torch.float32) if accumulate_in_fp32 else param.dtype
+            return torch.zeros(param.shape, dtype=dtype, device=param.device)
+
+        self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
+        self.weight = accumulator(linear_weight) if needs[1] else None
+        self.bias = accumulator(linear_bias) if needs[2] else None
+
+    def add(self, rows: slice, grad_logits: Tensor, h: Tensor, linear_weight: Tensor) -> None:
+        if self.input is not None:
+            torch.mm(grad_logits, linear_weight, out=self.input[rows])
+        if self.weight is not None:
+            if self.weight.dtype == grad_logits.dtype:
+                self.weight.addmm_(grad_logits.t(), h)
+            elif grad_logits.is_cuda:  # cuBLAS reads and writes the float32 accumulator: no temporary
+                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, out=self.weight)
+            else:  # no mixed-precision GEMM on CPU: one (V, D) temporary per chunk
+                self.weight += torch.mm(grad_logits.t(), h)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+
+class _LinearRowLosses(torch.autograd.Function):
+    """Per-row losses of ``h @ W.T + b``; the gradients come from the chunked passes of the module docstring.
+
+    A plain autograd.Function rather than a custom op: the fused path hands gradient buffers from forward to
+    backward and scales them in place there, which saves a ``V x D`` copy a functional op would need.
+    """
+
+    @staticmethod
+    def forward(ctx, h, linear_weight, linear_bias, target, weight, level, options, backend, chunk_size,
+                accumulate_in_fp32, grad_enabled):
+        needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
+        recompute = options.reduction == "none"
+        fused = any(needs) and not recompute
+        rows = h.shape[0]
+        losses = torch.empty(rows, dtype=loss_dtype(h.dtype), device=h.device)
+        lse = torch.empty_like(losses) if recompute and any(needs) and backend != "reference" else None
+        grads = _Gradients(h, linear_weight, linear_bias, needs, accumulate_in_fp32) if fused else None
+        factor = torch.empty_like(losses) if fused else None
+        for start in range(0, rows, chunk_size):
+            chunk = slice(start, min(start + chunk_size, rows))
+            h_chunk, target_chunk = h[chunk], target[chunk]
+            logits = _chunk_logits(h_chunk, linear_weight, linear_bias)
+            losses[chunk], lse_chunk = _chunk_losses(logits, target_chunk, weight, options, backend)
+            if lse is not None:
+                lse[chunk] = lse_chunk
+            if fused:
+                level_chunk = level if level.dim() == 0 else level[chunk]
+                factor[chunk] = _row_factor(losses[chunk], target_chunk, level_chunk, options)
+                grad_logits = _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend)
+                grads.add(chunk, grad_logits, h_chunk, linear_weight)
+        ctx.settings = (options, backend, chunk_size, accumulate_in_fp32, needs)
+        ctx.dtypes = (h.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        ctx.grads, ctx.factor = grads, factor
+        if recompute and any(needs):
+            ctx.save_for_backward(h, linear_weight, linear_bias, target, weight, lse)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses):
+        options, backend, chunk_size, accumulate_in_fp32, needs = ctx.settings
+        if options.reduction == "none":
+            grads, scale = _recompute_gradients(ctx, grad_losses), None
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_flooded_cross_entropy computes its gradients in forward and consumes them in the "
+                    "first backward; call the loss again to backpropagate a second time"
+                )
+            grads, ctx.grads = ctx.grads, None
+            scale = _uniform_scale(grad_losses, ctx.factor)
+        results = tuple(_scaled(buffer, scale, dtype) for buffer, dtype in
+                        zip((grads.input, grads.weight, grads.bias), ctx.dtypes))
+        return results + (None,) * 8
+
+
+def _recompute_gradients(ctx, grad_losses: Tensor) -> _Gradients:
+    """The second chunked pass of ``reduction="none"``: logits again, the kernel applies ``grad_losses`` per row."""
+    options, backend, chunk_size, accumulate_in_fp32, needs = ctx.settings
+    h, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
+    scale = grad_losses.to(loss_dtype(h.dtype)).contiguous()
+    grads = _Gradients(h, linear_weight, linear_bias, needs, accumulate_in_fp32)
+    for start in range(0, h.shape[0], chunk_size):
+        chunk = slice(start, min(start + chunk_size, h.shape[0]))
+        logits = _chunk_logits(h[chunk], linear_weight, linear_bias)
+        lse_chunk = None if lse is None else lse[chunk]
+        grad_logits = _chunk_grad_(logits, target[chunk], weight, lse_chunk, scale[chunk], options, backend)
+        grads.add(chunk, grad_logits, h[chunk], linear_weight)
+    return grads
+
+
+def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor of shape (..., D), got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (..., D), got a 0-d tensor")
+    features = input.shape[-1]
+    if not isinstance(linear_weight, Tensor):
+        raise TypeError(f"linear_weight must be a tensor, got {type(linear_weight).__name__}")
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != features:
+        raise ValueError(f"linear_weight must have shape (V, {features}) to match input's last dimension, "
+                         f"got {tuple(linear_weight.shape)}")
+    if linear_weight.shape[0] < 1:
+        raise ValueError("linear_weight must have at least one row (one per class)")
+    named = [("linear_weight", linear_weight)]
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor):
+            raise TypeError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+        if tuple(linear_bias.shape) != (linear_weight.shape[0],):
+            raise ValueError(f"linear_bias must have shape ({linear_weight.shape[0]},) (one per class), "
+                             f"got {tuple(linear_bias.shape)}")
+        named.append(("linear_bias", linear_bias))
+    for name, tensor in named:
+        if tensor.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but input has dtype {input.dtype}")
+        if tensor.device != input.device:
+            raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}")
+
+
+def _check_chunk_size(chunk_size: Optional[int], classes: int, element_size: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(classes, element_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def linear_flooded_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    flood_level: FloodLevel = 0.0,
+    flood: Optional[str] = "batch",
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    reverse_ce: float = 0.0,
+    reverse_ce_log_zero: float = -4.0,
+    chunk_size: Optional[int] = None,
+    accumulate_in_fp32: bool = True,
+    backend: str = "auto",
+    return_raw: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Flooded cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` without the ``N x V`` logits.
+
+    ``input`` is ``(..., D)`` with ``target`` of shape ``(...)`` (each row of ``input`` is one sample);
+    ``linear_weight`` is ``(V, D)``, ``linear_bias`` ``(V,)``. The value and gradients are those of
+    :func:`flood_kernels.flooded_cross_entropy` on the ``(N, V)`` logits with the same options (argument
+    names follow ``F.linear_cross_entropy``). Rows go through in chunks of ``chunk_size`` (default: from V,
+    about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the chunks in
+    float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less memory).
+    Gradients are computed in forward and consumed by the first backward (reduction="none": recomputed there).
+    """
+    options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                          reverse_ce_log_zero)
+    _check_linear(input, linear_weight, linear_bias)
+    if not isinstance(accumulate_in_fp32, bool):
+        raise TypeError(f"accumulate_in_fp32 must be a bool, got {type(accumulate_in_fp32).__name__}")
+    classes, features = linear_weight.shape
+    row_shape = input.shape[:-1]
+    flat_target = check_target(target, tuple(row_shape), input.device)
+    h = input.reshape(-1, features)
+    chunk = _check_chunk_size(chunk_size, classes, input.element_size())
+    dtype = loss_dtype(input.dtype)
+    weight = check_weight(weight, classes, input.device, dtype)
+    level = check_flood_level(flood_level, flood, h.shape[0], row_shape, input.device, dtype)
+    name = backends.resolve(backend, input.device)
+    losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name, chunk,
+                                    accumulate_in_fp32, torch.is_grad_enabled())
+    loss, raw = flood_row_losses(losses, flat_target, weight, options, level, row_shape)
+    return (loss, raw) if return_raw else loss
+
+
+class LinearFloodedCrossEntropyLoss(nn.Module):
+    """Loss module for :func:`linear_flooded_cross_entropy`; holds no linear weight (pass the LM head's).
+
+    ``forward(input, linear_weight, target, linear_bias=None)``. ``weight`` and a tensor ``flood_level`` are
+    buffers, as in :class:`flood_kernels.FloodedCrossEntropyLoss`; after each call ``last_raw_loss`` holds the
+    unflooded loss, detached, for logging.
+    """
+
+    def __init__(
+        self,
+        flood_level: FloodLevel = 0.0,
+        flood: Optional[str] = "batch",
+        weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        reverse_ce: float = 0.0,
+        reverse_ce_log_zero: float = -4.0,
+        chunk_size: Optional[int] = None,
+        accumulate_in_fp32: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                                   reverse_ce_log_zero)
+        self.register_buffer("weight", weight)
+        if isinstance(flood_level, Tensor):
+            self.register_buffer("flood_level", flood_level)
+        else:
+            self.flood_level = flood_level
+        self.chunk_size = chunk_size
+        self.accumulate_in_fp32 = accumulate_in_fp32
+        self.backend = backend
+        self.last_raw_loss: Optional[Tensor] = None
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None) -> Tensor:
+        o = self.options
+        loss, raw = linear_flooded_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, flood_level=self.flood_level, flood=o.flood,
+            weight=self.weight, ignore_index=o.ignore_index, reduction=o.reduction,
+            label_smoothing=o.label_smoothing, z_loss=o.z_loss, softcap=o.softcap, reverse_ce=o.reverse_ce,
+            reverse_ce_log_zero=o.reverse_ce_log_zero, chunk_size=self.chunk_size,
+            accumulate_in_fp32=self.accumulate_in_fp32, backend=self.backend, return_raw=True,
+        )
+        self.last_raw_loss = raw
+        return loss
+
+    def extra_repr(self) -> str:
+        o = self.options
+        level = self.flood_level if not isinstance(self.flood_level, Tensor) else "tensor"
+        return (f"flood={o.flood!r}, flood_level={level}, reduction={o.reduction!r}, "
+                f"ignore_index={o.ignore_index}, label_smoothing={o.label_smoothing}, z_loss={o.z_loss}, "
+                f"softcap={o.softcap}, reverse_ce={o.reverse_ce}, chunk_size={self.chunk_size}, "
+                f"accumulate_in_fp32={self.accumulate_in_fp32}, backend={self.backend!r}")

@@ -1,0 +1,362 @@
+"""linear_flooded_cross_entropy against F.linear + the float64 reference, on every available backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import flood_kernels
+from flood_kernels import flooded_cross_entropy
+from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
+
+CPU_BACKENDS = flood_kernels.available_backends("cpu")
+N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Option sets; "levels" stands for per-sample flood levels, "weights" for random class weights. With logits
+# of a few units the mean loss J is about 2-4: level 0 floods below J (descent), 50 above (ascent), 2.4 splits
+# the rows of iFlood between both signs.
+CASES = {
+    "batch": {},
+    "batch-ascent": {"flood_level": 50.0},
+    "batch-sum-ascent": {"reduction": "sum", "flood_level": 100.0},
+    "plain-mean": {"flood": None},
+    "plain-sum": {"flood": None, "reduction": "sum"},
+    "plain-none": {"flood": None, "reduction": "none"},
+    "iflood": {"flood": "individual", "flood_level": 2.4},
+    "iflood-levels": {"flood": "individual", "flood_level": "levels"},
+    "iflood-sum": {"flood": "individual", "reduction": "sum", "flood_level": 2.4},
+    "iflood-none": {"flood": "individual", "reduction": "none", "flood_level": "levels"},
+    "weights-smoothing": {"weight": "weights", "label_smoothing": 0.1, "flood_level": 50.0},
+    "zloss-softcap": {"z_loss": 1e-2, "softcap": 3.0},
+    "reverse-ce": {"reverse_ce": 0.5, "reverse_ce_log_zero": -3.0, "flood": "individual", "flood_level": 2.0},
+    "everything": {"weight": "weights", "label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 2.5, "reverse_ce": 0.3,
+                   "flood": "individual", "flood_level": "levels", "ignore_index": 3},
+}
+
+
+def make_inputs(rows=(N,), d=D, v=V, dtype=torch.float32, bias=True, ignored=2, ignore_index=-100, seed=0):
+    """Random hidden states, head and targets (logits of a few units), ``ignored`` targets set to ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*rows, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 2.0 / d ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, rows, generator=g)
+    if ignore_index >= 0:  # a class id as ignore_index: avoid accidental extra ignored rows
+        y = torch.where(y == ignore_index, (y + 1) % v, y)
+    y.view(-1)[torch.randperm(y.numel(), generator=g)[:ignored]] = ignore_index
+    return h, w, b, y
+
+
+def resolve(options, rows, v, seed=1):
+    """Replace the "levels" / "weights" placeholders of a case with random tensors."""
+    g = torch.Generator().manual_seed(seed)
+    options = dict(options)
+    if options.get("flood_level") == "levels":
+        options["flood_level"] = torch.rand(rows, generator=g) * 5.0
+    if options.get("weight") == "weights":
+        options["weight"] = torch.rand(v, generator=g) + 0.5
+    return options
+
+
+def reference(h, w, b, y, grad_output, **options):
+    """Loss and gradients of flooded_cross_entropy(F.linear(...)) in float64 on the reference backend."""
+    leaves = [t.detach().double().requires_grad_() for t in (h, w, b) if t is not None]
+    logits = F.linear(leaves[0].reshape(-1, h.shape[-1]), leaves[1], leaves[2] if b is not None else None)
+    for key in ("flood_level", "weight"):
+        if isinstance(options.get(key), torch.Tensor):
+            options[key] = options[key].double().reshape(-1)
+    loss = flooded_cross_entropy(logits, y.reshape(-1), backend="reference", **options)
+    loss = loss.reshape(y.shape) if options.get("reduction") == "none" else loss
+    return loss, torch.autograd.grad(loss, leaves, grad_output.double())
+
+
+def ours(h, w, b, y, grad_output, **options):
+    loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, **options)
+    leaves = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    return loss, torch.autograd.grad(loss, leaves, grad_output.to(loss.dtype))
+
+
+def grad_output_for(options, shape, value=1.0, seed=2):
+    if options.get("reduction") == "none":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=torch.float64) * 10.0
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def assert_matches(h, w, b, y, grad_output, rtol, atol, options, **settings):
+    """``settings`` (backend, chunk_size, accumulate_in_fp32) go to linear_flooded_cross_entropy only."""
+    expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
+    loss, grads = ours(h, w, b, y, grad_output, **options, **settings)
+    loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    assert loss.dtype == loss_dtype and loss.shape == expected_loss.shape
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=rtol, atol=atol, equal_nan=True)
+    scale = max(1.0, float(grad_output.abs().max()))
+    for grad, expected, leaf in zip(grads, expected_grads, [t for t in (h, w, b) if t is not None]):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("chunk_size", [4, None])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_reference(backend, case, chunk_size):
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs(bias=list(CASES).index(case) % 2 == 0, ignore_index=options.get("ignore_index", -100))
+    assert_matches(h, w, b, y, grad_output_for(options, (N,)), rtol=1e-4, atol=1e-6, backend=backend,
+                   chunk_size=chunk_size, options=options)
+
+
+@pytest.mark.parametrize("grad_output", [1.0, -0.7, 1e3])
+@pytest.mark.parametrize("case", ["batch", "batch-ascent", "iflood-levels", "plain-sum"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_output_and_bias(backend, bias, case, grad_output):
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs(bias=bias)
+    assert_matches(h, w, b, y, grad_output_for(options, (N,), grad_output), rtol=1e-4, atol=1e-6,
+                   backend=backend, chunk_size=5, options=options)
+
+
+@pytest.mark.parametrize("case", ["batch", "iflood-none", "everything"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float64(backend, case):
+    """Tight tolerance (the Triton softcap's tanh series is accurate to ~1e-9 in float64)."""
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs(dtype=torch.float64, ignore_index=options.get("ignore_index", -100))
+    assert_matches(h, w, b, y, grad_output_for(options, (N,), -3.0), rtol=1e-7, atol=1e-9, backend=backend,
+                   chunk_size=3, options=options)
+
+
+@pytest.mark.parametrize("case", ["batch", "iflood-levels", "iflood-none"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leading_dimensions(backend, case):
+    rows = (2, 7)
+    options = resolve(CASES[case], rows, V)
+    h, w, b, y = make_inputs(rows=rows)
+    assert_matches(h, w, b, y, grad_output_for(options, rows), rtol=1e-4, atol=1e-6, backend=backend,
+                   chunk_size=4, options=options)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_single_sample_input(backend):
+    h, w, b, y = make_inputs(rows=(), ignored=0)
+    assert y.dim() == 0
+    assert_matches(h, w, b, y, torch.tensor(1.0, dtype=torch.float64), rtol=1e-4, atol=1e-6, options={},
+                   backend=backend)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 13, 64])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunk_sizes(backend, chunk_size):
+    h, w, b, y = make_inputs()
+    assert_matches(h, w, b, y, torch.tensor(1.0, dtype=torch.float64), rtol=1e-4, atol=1e-6, options={},
+                   backend=backend, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("case", ["batch", "plain-sum", "iflood", "plain-none"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_ignored(backend, case):
+    """Like PyTorch: NaN for a mean over no rows, 0 for sum; the gradients are zero either way."""
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs(ignored=N)
+    assert_matches(h, w, b, y, grad_output_for(options, (N,)), rtol=1e-4, atol=1e-6, backend=backend,
+                   chunk_size=4, options=options)
+
+
+@pytest.mark.parametrize("accumulate_in_fp32", [True, False])
+@pytest.mark.parametrize("case", ["batch", "iflood-none"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bfloat16(backend, case, accumulate_in_fp32):
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs(dtype=torch.bfloat16)
+    assert_matches(h, w, b, y, grad_output_for(options, (N,)), rtol=2e-2, atol=2e-2, backend=backend,
+                   chunk_size=4, accumulate_in_fp32=accumulate_in_fp32, options=options)
+
+
+@pytest.mark.parametrize("case", ["batch", "plain-none"])
+@pytest.mark.parametrize("frozen", ["input", "linear_weight"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_input_or_weight(backend, frozen, case):
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs()
+    (h if frozen == "input" else w).requires_grad_(False)
+    grad_output = grad_output_for(options, (N,))
+    expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
+    loss, grads = ours(h, w, b, y, grad_output, backend=backend, chunk_size=4, **options)
+    assert len(grads) == 2
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-4, atol=1e-6)
+    expected = expected_grads[1:] if frozen == "input" else expected_grads[::2]
+    for grad, want in zip(grads, expected):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_grad_forward(backend):
+    h, w, b, y = make_inputs()
+    with torch.no_grad():
+        loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, flood_level=50.0, backend=backend, chunk_size=4)
+    expected, _ = reference(h, w, b, y, torch.tensor(1.0, dtype=torch.float64), flood_level=50.0)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tied_embeddings(backend):
+    """The head is also the input embedding: both uses contribute to its gradient."""
+    g = torch.Generator().manual_seed(3)
+    emb = (torch.randn(V, D, generator=g) / D ** 0.5).requires_grad_()
+    proj = (torch.randn(D, D, generator=g)).requires_grad_()
+    ids, y = torch.randint(0, V, (N,), generator=g), torch.randint(0, V, (N,), generator=g)
+
+    def run(e, p, loss_fn):
+        loss = loss_fn(torch.tanh(e[ids] @ p), e, y)
+        return loss, torch.autograd.grad(loss, (e, p))
+
+    loss, grads = run(emb, proj, lambda h, e, t: linear_flooded_cross_entropy(
+        h, e, t, flood_level=1.0, backend=backend, chunk_size=4))
+    expected_loss, expected_grads = run(emb.detach().double().requires_grad_(), proj.detach().double().requires_grad_(),
+                                        lambda h, e, t: flooded_cross_entropy(F.linear(h, e), t, flood_level=1.0,
+                                                                              backend="reference"))
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["batch", "iflood-none"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_uninitialized_memory_never_leaks(backend, case, monkeypatch):
+    """Every buffer from torch.empty / empty_like is NaN: each element must be written before it is read."""
+    options = resolve(CASES[case], N, V)
+    h, w, b, y = make_inputs()
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+    assert_matches(h, w, b, y, grad_output_for(options, (N,)), rtol=1e-4, atol=1e-6, backend=backend,
+                   chunk_size=4, options=options)
+
+
+def test_second_backward_raises_unless_recomputed():
+    h, w, b, y = make_inputs()
+    loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    rows = linear_flooded_cross_entropy(h, w, y, flood=None, reduction="none", chunk_size=4)
+    first = torch.autograd.grad(rows.sum(), h, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(rows.sum(), h)[0], first)
+
+
+def test_module_matches_function_and_logs_raw_loss():
+    h, w, b, y = make_inputs()
+    levels = torch.rand(N) * 5.0
+    module = LinearFloodedCrossEntropyLoss(flood_level=levels, flood="individual", label_smoothing=0.1, chunk_size=4)
+    assert list(module.parameters()) == [] and "chunk_size=4" in repr(module)
+    loss = module(h, w, y, b)
+    expected, raw = linear_flooded_cross_entropy(h, w, y, linear_bias=b, flood_level=levels, flood="individual",
+                                                 label_smoothing=0.1, chunk_size=4, return_raw=True)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(module.last_raw_loss, raw)
+    assert not module.last_raw_loss.requires_grad
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(128256, 2) == 1024
+    assert default_chunk_size(256000, 2) == 512
+    assert default_chunk_size(128256, 4) == 512
+    assert default_chunk_size(1 << 30, 4) == 1
+    assert default_chunk_size(V, 4) & (default_chunk_size(V, 4) - 1) == 0
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of the bytes held by torch's CPU allocator during ``fn()``, from the profiler's alloc/free events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_peak_memory_stays_below_the_logits():
+    rows, d, v = 512, 16, 4096
+    h, w, b, y = make_inputs(rows=(rows,), d=d, v=v)
+    logits_bytes = rows * v * 4
+
+    def fused():
+        linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="reference", chunk_size=16).backward()
+
+    def eager():
+        flooded_cross_entropy(F.linear(h, w, b), y, backend="reference").backward()
+
+    assert _peak_cpu_bytes(eager) >= logits_bytes  # the measurement sees the logits when they exist
+    assert _peak_cpu_bytes(fused) < logits_bytes / 4
+
+
+@pytest.mark.parametrize("case, match, error", [
+    ({"linear_weight": torch.randn(V, D + 1)}, r"linear_weight must have shape \(V, 8\)", ValueError),
+    ({"linear_weight": torch.randn(D)}, "linear_weight must have shape", ValueError),
+    ({"linear_weight": torch.randn(V, D, dtype=torch.float64)}, "linear_weight has dtype", TypeError),
+    ({"linear_weight": torch.randn(V, D, device="meta")}, "linear_weight is on meta", ValueError),
+    ({"linear_weight": [[1.0]]}, "linear_weight must be a tensor", TypeError),
+    ({"linear_bias": torch.randn(V + 1)}, r"linear_bias must have shape \(11,\)", ValueError),
+    ({"linear_bias": torch.randn(V, dtype=torch.float64)}, "linear_bias has dtype", TypeError),
+    ({"linear_bias": 1.0}, "linear_bias must be a tensor", TypeError),
+    ({"input": torch.ones(N, D, dtype=torch.int64)}, "input must be a floating-point", TypeError),
+    ({"input": torch.tensor(1.0)}, "input must have shape", ValueError),
+    ({"target": torch.zeros(N + 1, dtype=torch.int64)}, "target has shape", ValueError),
+    ({"target": torch.zeros(N)}, "target must hold integer", TypeError),
+    ({"chunk_size": 0}, "chunk_size must be >= 1", ValueError),
+    ({"chunk_size": 2.0}, "chunk_size must be an int", TypeError),
+    ({"chunk_size": True}, "chunk_size must be an int", TypeError),
+    ({"accumulate_in_fp32": 1}, "accumulate_in_fp32 must be a bool", TypeError),
+    ({"reduction": "avg"}, "reduction must be one of", ValueError),
+    ({"reduction": "none"}, "reduction='none' is undefined with flood='batch'", ValueError),
+    ({"flood_level": -1.0}, "flood_level must be >= 0", ValueError),
+    ({"flood_level": torch.ones(N)}, "needs flood='individual'", ValueError),
+    ({"weight": torch.ones(V + 1)}, r"weight must have shape \(11,\)", ValueError),
+    ({"label_smoothing": 1.5}, "label_smoothing must be in", ValueError),
+    ({"backend": "gpu"}, "backend must be one of", ValueError),
+])
+def test_validation_errors(case, match, error):
+    h, w, b, y = make_inputs()
+    arguments = {"input": h, "linear_weight": w, "target": y, "linear_bias": b, **case}
+    with pytest.raises(error, match=match):
+        linear_flooded_cross_entropy(arguments.pop("input"), arguments.pop("linear_weight"), arguments.pop("target"),
+                                     **arguments)
+
+
+def to_cuda(tensors):
+    return [t.detach().cuda().requires_grad_(t.requires_grad) if t.is_floating_point() else t.cuda() for t in tensors]
+
+
+@CUDA
+@pytest.mark.parametrize("case", ["batch", "iflood-levels", "iflood-none", "everything"])
+def test_cuda_triton_bfloat16(case):
+    rows, d, v = 1000, 256, 32000
+    options = resolve(CASES[case], rows, v)
+    options = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in options.items()}
+    h, w, b, y = to_cuda(make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16, ignored=50,
+                                     ignore_index=options.get("ignore_index", -100)))
+    grad_output = grad_output_for(options, (rows,)).cuda()
+    assert_matches(h, w, b, y, grad_output, rtol=2e-2, atol=2e-3, backend="triton", chunk_size=384, options=options)
+
+
+@CUDA
+def test_cuda_peak_memory_stays_below_the_logits():
+    rows, d, v = 4096, 512, 32000
+    h, w, b, y = to_cuda(make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="triton", chunk_size=512).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    logits_bytes = rows * v * 2
+    gradients_bytes = (h.numel() + w.numel() + b.numel()) * 2
+    assert extra - gradients_bytes < logits_bytes / 2
