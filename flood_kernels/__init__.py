@@ -2,7 +2,14 @@
 
 from .backends import available_backends
 from .functional import flooded_cross_entropy
+from .linear import LinearFloodedCrossEntropyLoss, linear_flooded_cross_entropy
 from .modules import FloodedCrossEntropyLoss
 
-__all__ = ["available_backends", "flooded_cross_entropy", "FloodedCrossEntropyLoss"]
+__all__ = [
+    "available_backends",
+    "flooded_cross_entropy",
+    "FloodedCrossEntropyLoss",
+    "linear_flooded_cross_entropy",
+    "LinearFloodedCrossEntropyLoss",
+]
 __version__ = "0.1.0"
