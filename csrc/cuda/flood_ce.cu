@@ -1,0 +1,550 @@
+// CUDA kernels of flood_kernels._C (TORCH_LIBRARY_IMPL CUDA): the per-row fused cross-entropy forward
+// (one read of the logits) and backward (one read + one write), mirroring csrc/cpu/flood_ce_kernel.h and
+// flood_kernels/triton/cross_entropy.py.
+//
+// Layout: a warp per row when V <= 1024 (kWarpRows rows per block), otherwise a block per row. Each thread
+// streams its part of the row with 16-byte vector loads (after a scalar head that aligns the row; scalar tail),
+// keeps an online (max, sum-exp) pair in fp32 (fp64 for fp64 input), then warp shuffles + shared memory
+// combine the pairs. Row offsets are 64-bit. Out-of-range targets give NaN (no host sync, no device assert).
+
+#include "../flood_ce.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace flood_kernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpRows = 4;           // rows per block in the warp-per-row layout
+constexpr int64_t kWarpRowMaxV = 1024;  // V up to this: a warp per row
+constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Fast exp as Triton's tl.exp (ex2.approx) for fp32; exact exp for fp64. Both give exp(-inf) = 0,
+// exp(NaN) = NaN, exp(+inf) = +inf.
+__device__ __forceinline__ float dexp(float x) { return __expf(x); }
+__device__ __forceinline__ double dexp(double x) { return ::exp(x); }
+__device__ __forceinline__ float dlog(float x) { return ::logf(x); }
+__device__ __forceinline__ double dlog(double x) { return ::log(x); }
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// tanh(u) and 1 - tanh(u)^2, as _tanh_with_derivative in the Triton kernel.
+template <typename A>
+__device__ __forceinline__ void tanh_with_derivative(A u, A& th, A& dth) {
+  const A a = u < A(0) ? -u : u;
+  const A t = dexp(A(-2) * a);
+  const A a2 = a * a;
+  const A near =
+      a * (A(1) + a2 * (A(-1.0 / 3.0) + a2 * (A(2.0 / 15.0) + a2 * (A(-17.0 / 315.0) + a2 * A(62.0 / 2835.0)))));
+  const bool is_near = a < A(0.125);
+  const A magnitude = is_near ? near : (A(1) - t) / (A(1) + t);
+  dth = is_near ? A(1) - near * near : A(4) * t / ((A(1) + t) * (A(1) + t));
+  th = u < A(0) ? -magnitude : magnitude;
+}
+
+template <typename A, bool SOFTCAP>
+__device__ __forceinline__ A capped(A x, A softcap) {
+  if constexpr (SOFTCAP) {
+    A th, dth;
+    tanh_with_derivative(x / softcap, th, dth);
+    return softcap * th;
+  } else {
+    return x;
+  }
+}
+
+// 16 bytes of T.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  Pack<T> pack;
+  *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(p);
+  return pack;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& pack) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pack);
+}
+
+// Elements before the first 16-byte boundary of p (all of them if p is not even element aligned).
+template <typename T>
+__device__ __forceinline__ int64_t head_elements(const void* p, int64_t n) {
+  const uintptr_t misalign = reinterpret_cast<uintptr_t>(p) & 15;
+  if (misalign % sizeof(T) != 0) return n;
+  const int64_t head = misalign == 0 ? 0 : static_cast<int64_t>((16 - misalign) / sizeof(T));
+  return head < n ? head : n;
+}
+
+struct KernelParams {
+  // outputs
+  void* losses;       // forward (N,)
+  void* lse_out;      // forward (N,)
+  void* grad;         // backward (N, V), may alias logits
+  int64_t grad_row_stride;
+  // inputs
+  const void* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;
+  int64_t target_stride;
+  const void* weight;      // (V,) loss dtype or null
+  const void* weight_sum;  // () loss dtype, device scalar, or null (backward with weight and smoothing)
+  const void* grad_losses;
+  int64_t grad_losses_stride;
+  const void* lse_in;
+  int64_t lse_stride;
+  // sizes
+  int64_t n_rows;
+  int64_t n_classes;
+  // scalar options
+  int64_t ignore_index;
+  double label_smoothing;
+  double z_loss;
+  double softcap;
+  double reverse_coef;
+};
+
+// ---- online log-sum-exp state -------------------------------------------------------------------------
+// (m, s): m = max of the z seen (NaN ignored; a NaN poisons s instead), s = sum exp(z - shift(m)) with
+// shift(-inf) = 0, so an all -inf prefix holds s = 0 and never computes exp(-inf - -inf).
+template <typename A>
+struct MaxSum {
+  A m;
+  A s;
+};
+
+template <typename A>
+__device__ __forceinline__ A rescale(A s, A m, A new_m) {
+  return m == neg_inf<A>() ? s : s * dexp(m - new_m);  // m finite (or +inf: s is NaN already)
+}
+
+template <typename A>
+__device__ __forceinline__ MaxSum<A> combine(MaxSum<A> a, MaxSum<A> b) {
+  const A m = a.m > b.m ? a.m : b.m;
+  return {m, rescale(a.s, a.m, m) + rescale(b.s, b.m, m)};
+}
+
+template <typename A>
+__device__ __forceinline__ void add_values(MaxSum<A>& st, const A* z, int n) {
+  A block_max = st.m;
+#pragma unroll
+  for (int i = 0; i < n; ++i) block_max = z[i] > block_max ? z[i] : block_max;  // NaN skipped
+  const A shift = block_max == neg_inf<A>() ? A(0) : block_max;
+  A s = rescale(st.s, st.m, block_max);
+#pragma unroll
+  for (int i = 0; i < n; ++i) s += dexp(z[i] - shift);  // +inf: exp(inf - inf) = NaN, as in Triton
+  st = {block_max, s};
+}
+
+template <typename A>
+__device__ __forceinline__ void warp_reduce(MaxSum<A>& st, A& smooth) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    MaxSum<A> other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset)};
+    st = combine(st, other);
+    smooth += __shfl_xor_sync(0xffffffffu, smooth, offset);
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------------
+
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
+__global__ void forward_kernel(KernelParams p) {
+  using A = typename AccOf<T>::type;
+  constexpr int kVec = Pack<T>::kSize;
+  const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
+                                    : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (!BLOCK_PER_ROW && row >= p.n_rows) return;  // whole warps leave; no block-wide sync in this layout
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t V = p.n_classes;
+  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  const A* weight = static_cast<const A*>(p.weight);
+  const A softcap = static_cast<A>(p.softcap);
+
+  MaxSum<A> st{neg_inf<A>(), A(0)};
+  A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
+  auto smooth_add = [&](A z, int64_t col) {
+    if constexpr (SMOOTHING) smooth += weight ? weight[col] * z : z;
+  };
+
+  const int64_t head = head_elements<T>(x, V);
+  const int64_t n_vec = (V - head) / kVec;
+  const int64_t tail = head + n_vec * kVec;
+  for (int64_t c = tid; c < head; c += nthreads) {
+    const A z = capped<A, SOFTCAP>(static_cast<A>(x[c]), softcap);
+    add_values(st, &z, 1);
+    smooth_add(z, c);
+  }
+  const T* xv = x + head;
+  for (int64_t k0 = tid; k0 < n_vec; k0 += static_cast<int64_t>(nthreads) * kUnroll) {
+    Pack<T> packs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * nthreads;
+      if (k < n_vec) packs[u] = load_pack(xv + k * kVec);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * nthreads;
+      if (k < n_vec) {
+        A z[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          z[i] = capped<A, SOFTCAP>(static_cast<A>(packs[u].v[i]), softcap);
+          smooth_add(z[i], head + k * kVec + i);
+        }
+        add_values(st, z, kVec);
+      }
+    }
+  }
+  for (int64_t c = tail + tid; c < V; c += nthreads) {
+    const A z = capped<A, SOFTCAP>(static_cast<A>(x[c]), softcap);
+    add_values(st, &z, 1);
+    smooth_add(z, c);
+  }
+
+  warp_reduce(st, smooth);
+  if constexpr (BLOCK_PER_ROW) {
+    __shared__ A shared_m[kWarp];
+    __shared__ A shared_s[kWarp];
+    __shared__ A shared_smooth[kWarp];
+    const int warp = tid / kWarp;
+    const int lane = tid % kWarp;
+    const int n_warps = (nthreads + kWarp - 1) / kWarp;
+    if (lane == 0) {
+      shared_m[warp] = st.m;
+      shared_s[warp] = st.s;
+      shared_smooth[warp] = smooth;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    st = lane < n_warps ? MaxSum<A>{shared_m[lane], shared_s[lane]} : MaxSum<A>{neg_inf<A>(), A(0)};
+    smooth = lane < n_warps ? shared_smooth[lane] : A(0);
+    warp_reduce(st, smooth);
+  }
+  if (tid != 0) return;
+
+  const A lse = (st.m == neg_inf<A>() ? A(0) : st.m) + dlog(st.s);
+  const int64_t target = p.target[row * p.target_stride];
+  const bool in_range = target >= 0 && target < V;
+  const int64_t safe_target = in_range ? target : 0;
+  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
+  const A w_target = weight ? weight[safe_target] : A(1);
+  const A eps = static_cast<A>(p.label_smoothing);
+  A loss = (A(1) - eps) * w_target * (lse - z_target);
+  if constexpr (SMOOTHING) {
+    if (weight) {
+      // sum(w) comes from the host side as a device scalar (weight.sum(), no sync), not from a per-row loop.
+      loss += eps / static_cast<A>(V) * (lse * *static_cast<const A*>(p.weight_sum) - smooth);
+    } else {
+      loss += eps * (lse - smooth / static_cast<A>(V));
+    }
+  }
+  loss += static_cast<A>(p.z_loss) * lse * lse;
+  loss += static_cast<A>(p.reverse_coef) * (A(1) - dexp(z_target - lse));
+  if (!in_range) loss = std::numeric_limits<A>::quiet_NaN();
+  if (target == p.ignore_index) loss = A(0);
+  static_cast<A*>(p.losses)[row] = loss;
+  static_cast<A*>(p.lse_out)[row] = lse;
+}
+
+// ---- backward -----------------------------------------------------------------------------------------
+
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
+__global__ void backward_kernel(KernelParams p) {
+  using A = typename AccOf<T>::type;
+  constexpr int kVec = Pack<T>::kSize;
+  const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
+                                    : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= p.n_rows) return;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t V = p.n_classes;
+  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;  // may alias x: each element is read, then written
+                                                               // by the same thread
+  const int64_t target = p.target[row * p.target_stride];
+  const int64_t head = head_elements<T>(g, V);
+  const bool vectorize = head_elements<T>(x, V) == head;  // same misalignment: vectorize both sides
+  const int64_t n_vec = vectorize ? (V - head) / kVec : 0;
+  const int64_t tail = vectorize ? head + n_vec * kVec : 0;  // scalar loop start after the vector body
+
+  if (target == p.ignore_index) {  // exact zeros, whatever the logits hold
+    Pack<T> zeros;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) zeros.v[i] = T(0);
+    if (vectorize) {
+      for (int64_t c = tid; c < head; c += nthreads) g[c] = T(0);
+      for (int64_t k = tid; k < n_vec; k += nthreads) store_pack(g + head + k * kVec, zeros);
+    }
+    for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = T(0);
+    return;
+  }
+
+  const A* weight = static_cast<const A*>(p.weight);
+  const A softcap = static_cast<A>(p.softcap);
+  const A eps = static_cast<A>(p.label_smoothing);
+  const bool in_range = target >= 0 && target < V;
+  const int64_t safe_target = in_range ? target : 0;
+  const A lse = static_cast<const A*>(p.lse_in)[row * p.lse_stride];
+  const A scale =
+      in_range ? static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride] : std::numeric_limits<A>::quiet_NaN();
+  // Read by every thread before any thread of this row writes (the __syncthreads below): in place, the
+  // target's logit is overwritten by whichever thread owns it.
+  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
+  const A p_target = dexp(z_target - lse);
+  const A w_target = weight ? weight[safe_target] : A(1);
+  const A target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * p_target;
+  const A smoothing_coef = eps / static_cast<A>(V);
+  A total_weight = static_cast<A>(V);
+  if constexpr (SMOOTHING) {
+    if (weight) total_weight = *static_cast<const A*>(p.weight_sum);
+  }
+  const A prob_coef = target_coef + smoothing_coef * total_weight + A(2) * static_cast<A>(p.z_loss) * lse;
+  if constexpr (BLOCK_PER_ROW) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+
+  auto grad_of = [&](A xval, int64_t col) -> T {
+    A z = xval;
+    A dz = A(1);
+    if constexpr (SOFTCAP) {
+      A th;
+      tanh_with_derivative(xval / softcap, th, dz);
+      z = softcap * th;
+    }
+    A grad = prob_coef * dexp(z - lse) - (col == target ? target_coef : A(0));
+    if constexpr (SMOOTHING) grad -= smoothing_coef * (weight ? weight[col] : A(1));
+    if constexpr (SOFTCAP) grad *= dz;
+    return static_cast<T>(grad * scale);
+  };
+
+  if (vectorize) {
+    for (int64_t c = tid; c < head; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
+    const T* xv = x + head;
+    T* gv = g + head;
+    for (int64_t k0 = tid; k0 < n_vec; k0 += static_cast<int64_t>(nthreads) * kUnroll) {
+      Pack<T> packs[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * nthreads;
+        if (k < n_vec) packs[u] = load_pack(xv + k * kVec);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * nthreads;
+        if (k < n_vec) {
+          Pack<T> out;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(static_cast<A>(packs[u].v[i]), head + k * kVec + i);
+          store_pack(gv + k * kVec, out);
+        }
+      }
+    }
+  }
+  for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
+}
+
+// ---- launchers ----------------------------------------------------------------------------------------
+
+struct Launch {
+  dim3 grid;
+  dim3 block;
+  bool block_per_row;
+};
+
+Launch launch_config(int64_t n_rows, int64_t n_classes, int64_t element_size) {
+  if (n_classes <= kWarpRowMaxV) {
+    const int64_t blocks = (n_rows + kWarpRows - 1) / kWarpRows;
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "flood_kernels: too many rows (", n_rows, ")");
+    return {dim3(static_cast<unsigned>(blocks)), dim3(kWarp, kWarpRows), false};
+  }
+  TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), "flood_kernels: too many rows (", n_rows, ")");
+  // About 4 vector loads per thread per unrolled step, 128..1024 threads.
+  const int64_t vectors = n_classes * element_size / 16;
+  int threads = 128;
+  while (threads < 1024 && static_cast<int64_t>(threads) * kUnroll * 4 < vectors) threads *= 2;
+  return {dim3(static_cast<unsigned>(n_rows)), dim3(threads), true};
+}
+
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+void launch_forward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
+  if (l.block_per_row) {
+    forward_kernel<T, SOFTCAP, SMOOTHING, true><<<l.grid, l.block, 0, stream>>>(p);
+  } else {
+    forward_kernel<T, SOFTCAP, SMOOTHING, false><<<l.grid, l.block, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+void launch_backward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
+  if (l.block_per_row) {
+    backward_kernel<T, SOFTCAP, SMOOTHING, true><<<l.grid, l.block, 0, stream>>>(p);
+  } else {
+    backward_kernel<T, SOFTCAP, SMOOTHING, false><<<l.grid, l.block, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f.template operator()<SOFTCAP, SMOOTHING>() with the flags as compile-time constants.
+template <typename F>
+void with_flags(bool softcap, bool smoothing, F&& f) {
+  if (softcap) {
+    if (smoothing) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (smoothing) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+KernelParams make_params(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                         double reverse_ce_log_zero) {
+  KernelParams p{};
+  p.logits = logits.const_data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.target = target.const_data_ptr<int64_t>();
+  p.target_stride = target.stride(0);
+  p.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  p.n_rows = logits.size(0);
+  p.n_classes = logits.size(1);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.reverse_coef = reverse_ce * -reverse_ce_log_zero;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                double label_smoothing, double z_loss, double softcap,
+                                                double reverse_ce, double reverse_ce_log_zero,
+                                                bool /*inplace_backward: read by the Python autograd only*/) {
+  constexpr const char* op = "flood_kernels::forward";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t n_rows = logits.size(0);
+  const auto options = logits.options().dtype(loss_dtype(logits.scalar_type()));
+  at::Tensor losses = at::empty({n_rows}, options);
+  at::Tensor lse = at::empty({n_rows}, options);
+  if (n_rows == 0) return {losses, lse};
+  KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                               reverse_ce_log_zero);
+  at::Tensor weight_sum;
+  if (weight.has_value() && label_smoothing > 0.0) {
+    weight_sum = weight->sum();  // on device: no host sync
+    p.weight_sum = weight_sum.const_data_ptr();
+  }
+  p.losses = losses.mutable_data_ptr();
+  p.lse_out = lse.mutable_data_ptr();
+  const Launch l = launch_config(n_rows, p.n_classes, logits.element_size());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_forward_cuda", [&] {
+    with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
+      launch_forward<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+    });
+  });
+  return {losses, lse};
+}
+
+void backward_into_cuda(const at::Tensor& grad, const at::Tensor& grad_losses, const at::Tensor& logits,
+                        const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                        int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                        double reverse_ce_log_zero) {
+  const int64_t n_rows = logits.size(0);
+  if (n_rows == 0) return;
+  KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                               reverse_ce_log_zero);
+  at::Tensor weight_sum;
+  if (weight.has_value() && label_smoothing > 0.0) {
+    weight_sum = weight->sum();
+    p.weight_sum = weight_sum.const_data_ptr();
+  }
+  p.grad = grad.mutable_data_ptr();
+  p.grad_row_stride = grad.stride(0);
+  p.grad_losses = grad_losses.const_data_ptr();
+  p.grad_losses_stride = grad_losses.stride(0);
+  p.lse_in = lse.const_data_ptr();
+  p.lse_stride = lse.stride(0);
+  const Launch l = launch_config(n_rows, p.n_classes, logits.element_size());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_backward_cuda", [&] {
+    with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
+      launch_backward<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+    });
+  });
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                         double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                         double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::backward";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CUDA);
+  check_row_vector(op, "grad_losses", grad_losses, logits);
+  check_row_vector(op, "lse", lse, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
+  backward_into_cuda(grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                     reverse_ce, reverse_ce_log_zero);
+  return grad;
+}
+
+void backward_inplace_cuda(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                           double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                           double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::backward_";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CUDA);
+  check_row_vector(op, "grad_losses", grad_losses, logits);
+  check_row_vector(op, "lse", lse, logits);
+  check_writable_rows(op, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  backward_into_cuda(logits, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                     reverse_ce, reverse_ce_log_zero);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flood_kernels, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+  m.impl("backward_", &backward_inplace_cuda);
+}
+
+}  // namespace flood_kernels

@@ -1,0 +1,272 @@
+// flood_kernels._C: the op schemas (TORCH_LIBRARY), argument checks shared with the CUDA kernels, and the
+// CPU implementation (TORCH_LIBRARY_IMPL CPU). Fake (meta) kernels and autograd are registered in Python
+// (flood_kernels/_ops.py), which imports this module only to load the ops into the dispatcher.
+//
+// CPU kernels: csrc/cpu/flood_ce_kernel.h, compiled once per instruction set; the set matching
+// at::get_cpu_capability() (AVX512 / AVX2 / DEFAULT; the ATEN_CPU_CAPABILITY environment variable lowers it)
+// is picked once, at first use.
+
+#include "flood_ce.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace flood_kernels {
+
+// ---- argument checks ----------------------------------------------------------------------------------
+
+c10::ScalarType loss_dtype(c10::ScalarType logits_dtype) {
+  return logits_dtype == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
+
+void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, c10::DeviceType device_type) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, V), got ", logits.dim(), "-D tensor of shape ",
+              logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": logits must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(logits.device().type() == device_type, op, ": logits must be a ", device_type, " tensor, got ",
+              logits.device());
+  const int64_t n_rows = logits.size(0);
+  const int64_t n_classes = logits.size(1);
+  TORCH_CHECK(n_classes >= 1 || n_rows == 0, op, ": logits must have at least one class (V >= 1), got shape ",
+              logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || n_classes <= 1, op,
+              ": logits must have class stride 1 (any row stride), got strides ", logits.strides());
+  TORCH_CHECK(logits.stride(0) >= 0, op, ": logits must have a non-negative row stride, got ", logits.strides());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n_rows, op, ": target must have shape (", n_rows,
+              ",) to match logits ", logits.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(), " but logits are on ",
+              logits.device());
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == n_classes, op, ": weight must have shape (", n_classes,
+                ",) (one per class), got ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == loss_dtype(dtype), op, ": weight must be ", loss_dtype(dtype), " for ", dtype,
+                " logits, got ", w.scalar_type());
+    TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(), " but logits are on ",
+                logits.device());
+    TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
+  }
+}
+
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  const int64_t n_rows = logits.size(0);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n_rows, op, ": ", name, " must have shape (", n_rows,
+              ",) (one per row of logits), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == loss_dtype(logits.scalar_type()), op, ": ", name, " must be ",
+              loss_dtype(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits are on ",
+              logits.device());
+}
+
+void check_writable_rows(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), op,
+              ": logits are written in place, so rows must not overlap (row stride >= V), got strides ",
+              logits.strides(), " for shape ", logits.sizes());
+}
+
+namespace {
+
+// ---- CPU implementation -------------------------------------------------------------------------------
+
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels chosen = [] {
+    const std::string capability = at::get_cpu_capability();
+    CpuKernels k;
+    if (capability.find("AVX512") != std::string::npos) k = cpu_AVX512::kernels();
+    if (k.forward == nullptr && capability.find("AVX2") != std::string::npos) k = cpu_AVX2::kernels();
+    if (k.forward == nullptr) k = cpu_DEFAULT::kernels();
+    return k;
+  }();
+  return chosen;
+}
+
+// On CPU a target outside [0, V) that is not ignore_index raises IndexError, like F.cross_entropy.
+void check_targets_cpu(const at::Tensor& target, int64_t n_classes, int64_t ignore_index) {
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const int64_t stride = target.stride(0);
+  for (int64_t i = 0; i < target.size(0); ++i) {
+    const int64_t y = t[i * stride];
+    TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < n_classes), "flood_kernels: target ", y,
+                      " is out of bounds for ", n_classes, " classes (row ", i, ", ignore_index ",
+                      ignore_index, ")");
+  }
+}
+
+RowArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                  int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                  double reverse_ce_log_zero) {
+  RowArgs a;
+  a.logits = logits.const_data_ptr();
+  a.logits_row_stride = logits.stride(0);
+  a.target = target.const_data_ptr<int64_t>();
+  a.target_stride = target.stride(0);
+  a.n_classes = logits.size(1);
+  a.ignore_index = ignore_index;
+  a.label_smoothing = label_smoothing;
+  a.z_loss = z_loss;
+  a.softcap = softcap;
+  a.reverse_coef = reverse_ce * -reverse_ce_log_zero;
+  a.dtype = logits.scalar_type();
+  if (weight.has_value()) {
+    a.weight = weight->const_data_ptr();
+    if (label_smoothing > 0.0) {
+      double sum = 0.0;
+      if (weight->scalar_type() == at::kDouble) {
+        const double* w = weight->const_data_ptr<double>();
+        for (int64_t c = 0; c < a.n_classes; ++c) sum += w[c];
+      } else {
+        const float* w = weight->const_data_ptr<float>();
+        for (int64_t c = 0; c < a.n_classes; ++c) sum += w[c];
+      }
+      a.weight_sum = sum;
+    }
+  }
+  return a;
+}
+
+// A fresh N x V gradient is mostly page faults on first touch (4 KB pages: ~3/4 of the backward's time at
+// N = 4096, V = 32000 fp32). Ask for transparent huge pages on the 2 MB-aligned interior of large buffers,
+// as c10's CPU allocator does under THP_MEM_ALLOC_ENABLE=1. Advisory only: the contents are untouched.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t nbytes = t.nbytes();
+  if (nbytes < 8 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.const_data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.const_data_ptr()) + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // failure is harmless
+#else
+  (void)t;
+#endif
+}
+
+// Rows per parallel task: at least ~32K elements of work each.
+int64_t grain_rows(int64_t n_classes) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n_classes));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                               double label_smoothing, double z_loss, double softcap,
+                                               double reverse_ce, double reverse_ce_log_zero,
+                                               bool /*inplace_backward: read by the Python autograd only*/) {
+  constexpr const char* op = "flood_kernels::forward";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CPU);
+  const int64_t n_rows = logits.size(0);
+  const auto options = logits.options().dtype(loss_dtype(logits.scalar_type()));
+  at::Tensor losses = at::empty({n_rows}, options);
+  at::Tensor lse = at::empty({n_rows}, options);
+  if (n_rows == 0) return {losses, lse};
+  check_targets_cpu(target, logits.size(1), ignore_index);
+  RowArgs a = make_args(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                        reverse_ce_log_zero);
+  a.losses = losses.mutable_data_ptr();
+  a.lse_out = lse.mutable_data_ptr();
+  const RowKernel kernel = cpu_kernels().forward;
+  at::parallel_for(0, n_rows, grain_rows(a.n_classes), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  return {losses, lse};
+}
+
+void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& grad_losses, const at::Tensor& logits,
+                   const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                   int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                   double reverse_ce_log_zero) {
+  const int64_t n_rows = logits.size(0);
+  if (n_rows == 0) return;
+  check_targets_cpu(target, logits.size(1), ignore_index);
+  RowArgs a = make_args(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                        reverse_ce_log_zero);
+  a.grad = grad.mutable_data_ptr();
+  a.grad_row_stride = grad.stride(0);
+  a.grad_losses = grad_losses.const_data_ptr();
+  a.grad_losses_stride = grad_losses.stride(0);
+  a.lse_in = lse.const_data_ptr();
+  a.lse_stride = lse.stride(0);
+  const RowKernel kernel = cpu_kernels().backward;
+  at::parallel_for(0, n_rows, grain_rows(a.n_classes), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                        double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                        double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::backward";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CPU);
+  check_row_vector(op, "grad_losses", grad_losses, logits);
+  check_row_vector(op, "lse", lse, logits);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
+  advise_huge_pages(grad);
+  backward_into(op, grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                reverse_ce, reverse_ce_log_zero);
+  return grad;
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                          double label_smoothing, double z_loss, double softcap, double reverse_ce,
+                          double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::backward_";
+  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CPU);
+  check_row_vector(op, "grad_losses", grad_losses, logits);
+  check_row_vector(op, "lse", lse, logits);
+  check_writable_rows(op, logits);
+  backward_into(op, logits, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                reverse_ce, reverse_ce_log_zero);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flood_kernels, m) {
+  m.def(
+      "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "float z_loss, float softcap, float reverse_ce, float reverse_ce_log_zero, bool inplace_backward) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_losses, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float reverse_ce, float reverse_ce_log_zero) -> Tensor");
+  m.def(
+      "backward_(Tensor grad_losses, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
+      "float reverse_ce_log_zero) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(flood_kernels, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+  m.impl("backward_", &backward_inplace_cpu);
+}
+
+}  // namespace flood_kernels
+
+// An empty Python module: importing flood_kernels._C loads this library, whose static initializers register
+// the ops above with the dispatcher (no pybind11, so the module can use the limited API).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "flood_kernels C++/CUDA ops; load it to register torch.ops.flood_kernels.{forward,backward,backward_}",
+      -1,    // size
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,72 @@
+// Shared declarations of the flood_kernels._C extension: argument checks (used by the CPU and CUDA op
+// implementations) and the per-ISA CPU row kernels (compiled once per instruction set, see csrc/cpu/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace flood_kernels {
+
+// ---- argument checks (every message names the op and the argument) ----------------------------------
+
+// The loss / accumulation dtype: float64 for float64 logits, float32 otherwise.
+c10::ScalarType loss_dtype(c10::ScalarType logits_dtype);
+
+// logits (N, V) of fp32/fp16/bf16/fp64 with class stride 1 (any row stride) on `device_type`;
+// target int64 (N,); weight None or (V,) contiguous of the loss dtype. All on logits' device.
+void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, c10::DeviceType device_type);
+
+// grad_losses and lse: (N,) of the loss dtype on logits' device.
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits);
+
+// backward_: the logits must be writable row by row (rows must not overlap).
+void check_writable_rows(const char* op, const at::Tensor& logits);
+
+// ---- CPU row kernels ----------------------------------------------------------------------------------
+
+// Everything a row kernel needs, as raw pointers (64-bit strides in elements).
+struct RowArgs {
+  // outputs
+  void* losses = nullptr;       // forward: (N,) loss dtype, contiguous
+  void* lse_out = nullptr;      // forward: (N,) loss dtype, contiguous
+  void* grad = nullptr;         // backward: (N, V) logits dtype (may be the logits themselves)
+  int64_t grad_row_stride = 0;
+  // inputs
+  const void* logits = nullptr;  // (N, V), class stride 1
+  int64_t logits_row_stride = 0;
+  const int64_t* target = nullptr;
+  int64_t target_stride = 1;
+  const void* weight = nullptr;  // (V,) loss dtype, contiguous, or null
+  const void* grad_losses = nullptr;  // backward: (N,) loss dtype
+  int64_t grad_losses_stride = 1;
+  const void* lse_in = nullptr;  // backward: (N,) loss dtype
+  int64_t lse_stride = 1;
+  // sizes
+  int64_t n_classes = 0;
+  // scalar options
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;       // 0 = none
+  double reverse_coef = 0.0;  // reverse_ce * (-reverse_ce_log_zero)
+  double weight_sum = 0.0;    // sum of the class weights (only with weight and label smoothing)
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+
+using RowKernel = void (*)(const RowArgs& args, int64_t row_begin, int64_t row_end);
+
+struct CpuKernels {
+  RowKernel forward = nullptr;
+  RowKernel backward = nullptr;
+};
+
+// One set per instruction set; a set that was not compiled for this platform has null members.
+namespace cpu_DEFAULT { CpuKernels kernels(); }
+namespace cpu_AVX2 { CpuKernels kernels(); }
+namespace cpu_AVX512 { CpuKernels kernels(); }
+
+}  // namespace flood_kernels

@@ -1,0 +1,73 @@
+"""Build of flood_kernels and its C++/CUDA extension flood_kernels._C.
+
+    python3 -m pip install --no-build-isolation -e .     # after torch is installed
+
+The CPU kernels are always built. The CUDA kernels are built when torch is a CUDA build and nvcc is found
+(CUDA_HOME); FLOOD_KERNELS_CUDA=1 forces them (and fails without nvcc), FLOOD_KERNELS_CUDA=0 skips them.
+Architectures come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). MAX_JOBS limits parallel compilation.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LIMITED_API = "cp39"  # the module has no pybind11 and only calls PyModule_Create: one abi3 wheel per platform
+
+
+def _sources(pattern: str):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FLOOD_KERNELS_CUDA", "").strip()
+    if flag == "0":
+        return False
+    if flag == "1":
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("FLOOD_KERNELS_CUDA=1 but nvcc was not found: set CUDA_HOME")
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extensions():
+    cpu_sources = ["csrc/flood_ce.cpp"] + _sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    # The per-ISA kernels pick their instruction set themselves (csrc/cpu/flood_ce_avx*.cpp), so no -march:
+    # the same binary runs on any x86-64 CPU and uses AVX2 / AVX-512 where torch reports them.
+    common = dict(
+        name="flood_kernels._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        py_limited_api=True,
+    )
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cuda_sources = _sources("csrc/cuda/*.cu")
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return [
+            cpp_extension.CUDAExtension(
+                sources=cpu_sources + cuda_sources,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                **common,
+            )
+        ]
+    return [cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common)]
+
+
+setup(
+    name="flood_kernels",
+    version="0.1.0",
+    description="Fused cross-entropy with flooding for PyTorch (Triton, C++ and CUDA kernels)",
+    packages=find_packages(include=["flood_kernels", "flood_kernels.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API}},
+    zip_safe=False,
+)
