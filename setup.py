@@ -3,7 +3,8 @@
     python3 -m pip install --no-build-isolation -e .     # after torch is installed
 
 The CPU kernels are always built. The CUDA kernels are built when torch is a CUDA build and nvcc is found
-(CUDA_HOME); FLOOD_KERNELS_CUDA=1 forces them (and fails without nvcc), FLOOD_KERNELS_CUDA=0 skips them.
+(CUDA_HOME); FLOOD_KERNELS_CUDA=1 requires them (fails instead of silently skipping), FLOOD_KERNELS_CUDA=0
+skips them. scripts/check_cuda_compile.sh compiles the .cu sources without a GPU or a CUDA torch.
 Architectures come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). MAX_JOBS limits parallel compilation.
 """
 
@@ -28,8 +29,12 @@ def _want_cuda() -> bool:
     if flag == "0":
         return False
     if flag == "1":
-        if cpp_extension.CUDA_HOME is None:
-            raise RuntimeError("FLOOD_KERNELS_CUDA=1 but nvcc was not found: set CUDA_HOME")
+        if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+            raise RuntimeError(
+                "FLOOD_KERNELS_CUDA=1 needs a CUDA build of torch and nvcc (set CUDA_HOME); "
+                f"found torch {torch.__version__}, CUDA_HOME={cpp_extension.CUDA_HOME}. "
+                "To only compile-check the .cu sources without a GPU: scripts/check_cuda_compile.sh"
+            )
         return True
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
