@@ -27,11 +27,15 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _extension_has(device_type: str) -> bool:
+def _extension_device_types() -> frozenset:
+    """Device types the built extension has kernels for (read once: the query cannot be traced)."""
     if _ops.EXTENSION_OPS is None:
-        return False
-    key = "CPU" if device_type == "cpu" else "CUDA"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("flood_kernels::forward", key)
+        return frozenset()
+    return frozenset(device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("flood_kernels::forward", key))
+
+
+_EXTENSION_DEVICE_TYPES = _extension_device_types()
 
 
 def available_backends(device: Union[str, torch.device]) -> List[str]:
@@ -42,7 +46,7 @@ def available_backends(device: Union[str, torch.device]) -> List[str]:
         (device_type == "cuda" and torch.cuda.is_available()) or (device_type == "cpu" and _triton_interpreter_on())
     ):
         usable.add("triton")
-    if device_type in ("cpu", "cuda") and _extension_has(device_type):
+    if device_type in _EXTENSION_DEVICE_TYPES:
         usable.add(device_type)
     preference = _AUTO_PREFERENCE.get(device_type, ("reference",))
     return [name for name in preference if name in usable] + sorted(usable - set(preference))

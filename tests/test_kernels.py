@@ -180,6 +180,19 @@ def test_masked_vocabulary_with_minus_inf(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_masked_prefix_then_very_negative_logits(device, backend):
+    """A -inf block followed by logits below -88 (exp underflows in fp32) must not rescale 0 by inf."""
+    n, v = 2, 8200
+    x = random_logits(n, v, device) - 100.0
+    x[:, :4100] = float("-inf")
+    target = torch.randint(4100, v, (n,), device=device)
+    loss, _, grad = loss_and_grad(x, target, backend=backend, flood=None)
+    ref_loss, _, ref_grad = reference64(x, target, flood=None)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_strided_and_multidimensional_inputs(device, backend):
     n, v = 6, 45
     wide = random_logits(n, v + 19, device)

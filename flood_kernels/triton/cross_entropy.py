@@ -88,9 +88,11 @@ def _forward_kernel(
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
         z = tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        # An all -inf prefix (masked vocabulary) must not produce exp(-inf - -inf) = NaN.
+        # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
+        # nor rescale its zero sum by an overflowing exp(0 - new_shift).
         new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-        running_sum = running_sum * tl.exp(running_shift - new_shift) + tl.sum(tl.exp(z - new_shift), axis=0)
+        rescaled_sum = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_shift - new_shift))
+        running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
         running_max = new_max
         running_shift = new_shift
         if HAS_SMOOTHING:
