@@ -41,14 +41,12 @@ def reduce_and_flood(
 
     ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels.
     """
-    if reduction == "mean":
-        denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
+    denominator = mean_denominator(target, weight, ignore_index, losses.dtype) if reduction == "mean" else None
 
     def reduce(values: Tensor) -> Tensor:
         if reduction == "none":
             return values
-        total = values.sum()
-        return total / denominator if reduction == "mean" else total
+        return values.sum() if denominator is None else values.sum() / denominator
 
     raw = reduce(losses)
     if flood_mode is None:

@@ -78,12 +78,16 @@ def _row_factor(losses: Tensor, target: Tensor, level: Tensor, options: LossOpti
 
 
 def _uniform_scale(grad_losses: Tensor, factor: Tensor) -> Tensor:
-    """The scalar ``c`` with ``grad_losses == c * factor``, as a 1-element tensor (0 when every factor is 0)."""
-    if factor.numel() == 0:
+    """The scalar ``c`` with ``grad_losses == c * factor``, as a 1-element tensor (0 when every factor is 0).
+
+    Factors are -1, 0 or 1, so ``grad_losses_i * factor_i == c`` exactly on every row with a nonzero factor;
+    their max picks it without a data-dependent index (traceable by torch.compile, no host sync).
+    """
+    nonzero = factor != 0
+    candidates = torch.where(nonzero, grad_losses * factor, float("-inf"))
+    if candidates.numel() == 0:
         return factor.new_zeros(1)
-    pivot = factor.abs().argmax()
-    f = factor[pivot]  # -1, 0 or 1, so multiplying by it divides by it exactly
-    return torch.where(f != 0, grad_losses[pivot] * f, 0.0).reshape(1)
+    return torch.where(nonzero.any(), candidates.amax(), 0.0).reshape(1)
 
 
 def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -123,19 +123,27 @@ def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, com
     @torch.compile(fullgraph=True, backend=counter)
     def step(h, target, level):
         loss, raw = flooded_cross_entropy(model(h), target, flood_level=level, return_raw=True, backend=backend)
-        return loss, raw
+        per_sample = flooded_cross_entropy(model(h), target, flood="individual", flood_level=level,
+                                           reduction="none", backend=backend)
+        total = flooded_cross_entropy(model(h), target, flood=None, reduction="sum", backend=backend)
+        return loss, raw, per_sample, total
 
     h = torch.randn(16, 8)
     target = random_target(16, 20, "cpu", ignore_fraction=0.2)
     for value in (0.0, 50.0):
         level.fill_(value)
         model.zero_grad()
-        loss, raw = step(h, target, level)
-        loss.backward()
+        loss, raw, per_sample, total = step(h, target, level)
+        (loss + per_sample.sum() + 0.1 * total).backward()
         compiled_grad = model.weight.grad.clone()
         model.zero_grad()
         expected = (F.cross_entropy(model(h), target) - value).abs() + value
-        expected.backward()
+        plain = F.cross_entropy(model(h), target, reduction="none")
+        expected_per_sample = torch.where(target != -100, (plain - value).abs() + value, 0.0)
+        expected_total = F.cross_entropy(model(h), target, reduction="sum")
+        (expected + expected_per_sample.sum() + 0.1 * expected_total).backward()
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(compiled_grad, model.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(per_sample, expected_per_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled_grad, model.weight.grad, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
