@@ -12,5 +12,6 @@ PY="$repo_root/.venv/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
 fi
+"$PY" -c "import ninja" 2>/dev/null || "$PY" -m pip install -q ninja || echo "ninja unavailable: the extension builds without it, more slowly"
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 export PY
