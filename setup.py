@@ -70,7 +70,14 @@ setup(
     packages=find_packages(include=["flood_kernels", "flood_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton"]},
+    extras_require={
+        "triton": ["triton"],
+        "transformers": ["transformers>=4.46", "accelerate>=1.1.0"],
+        "examples": ["matplotlib"],
+        # The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers
+        # integration and the examples' plots.
+        "test": ["pytest", "pytest-benchmark", "triton", "transformers>=4.46", "accelerate>=1.1.0", "matplotlib"],
+    },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": LIMITED_API}},
