@@ -12,6 +12,7 @@ PY="$repo_root/.venv/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -c "import ninja" 2>/dev/null || "$PY" -m pip install -q ninja || echo "ninja unavailable: the extension builds without it, more slowly"
+# --no-build-isolation builds with what the venv has: a setuptools that knows bdist_wheel, wheel, ninja.
+"$PY" -m pip install -q "setuptools>=70.1" wheel ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 export PY
