@@ -41,7 +41,9 @@ def _want_cuda() -> bool:
 
 def _extensions():
     cpu_sources = ["csrc/flood_ce.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inline OpenMP code (ATen/ParallelOpenMP.h); without it the loop is serial.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     # The per-ISA kernels pick their instruction set themselves (csrc/cpu/flood_ce_avx*.cpp), so no -march:
     # the same binary runs on any x86-64 CPU and uses AVX2 / AVX-512 where torch reports them.
     common = dict(
@@ -57,10 +59,12 @@ def _extensions():
             cpp_extension.CUDAExtension(
                 sources=cpu_sources + cuda_sources,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
                 **common,
             )
         ]
-    return [cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common)]
+    return [cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                                       extra_link_args=link_flags, **common)]
 
 
 setup(
