@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything the GPU machine must check, in one device call (writes logs and results under $OUT):
+#   1. build the extension with its CUDA kernels against the machine's torch (no network: no pip downloads);
+#   2. the whole test suite, GPU tests included (the Triton and CUDA backends run on real CUDA tensors);
+#   3. compute-sanitizer memcheck over the CUDA backend's kernel tests;
+#   4. the benchmark: copy bandwidth, then every backend vs the one-liners (and installed peers) at the
+#      issue shapes, JSON + markdown + plots.
+# Usage (device tool): bash benchmarks/gpu_session.sh [shape set, default issue2]
+set -uo pipefail
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT"
+shapes="${1:-issue2}"
+export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLOOD_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+python3 -c "import flood_kernels as f; print('backends:', f.available_backends('cuda'))" | tee -a "$OUT/gpu.txt"
+python3 -m pytest -q -x tests/ 2>&1 | tee "$OUT/tests.log" | tail -5
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels.py -k "cuda-cuda" \
+        > "$OUT/memcheck.log" 2>&1
+    echo "memcheck exit code: $? (0 = no errors)" | tee -a "$OUT/gpu.txt"
+    tail -3 "$OUT/memcheck.log"
+fi
+python3 -m flood_kernels.bench --shapes "$shapes" --out "$OUT/bench" 2> "$OUT/bench_progress.log" | tail -40
