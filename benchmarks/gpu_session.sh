@@ -22,4 +22,6 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     echo "memcheck exit code: $? (0 = no errors)" | tee -a "$OUT/gpu.txt"
     tail -3 "$OUT/memcheck.log"
 fi
-python3 -m flood_kernels.bench --shapes "$shapes" --out "$OUT/bench" 2> "$OUT/bench_progress.log" | tail -40
+python3 -m flood_kernels.bench --shapes "$shapes" --out "$OUT/bench" 2> /dev/null | tail -40
+# The device tool returns at most 8 files: the plots travel as one tar.
+(cd "$OUT/bench" && tar -cf plots.tar ./*.png && rm -f ./*.png) 2>/dev/null
