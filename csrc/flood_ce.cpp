@@ -66,6 +66,8 @@ void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tenso
   }
 }
 
+namespace {
+
 void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
   const int64_t n_rows = logits.size(0);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n_rows, op, ": ", name, " must have shape (", n_rows,
@@ -80,6 +82,17 @@ void check_writable_rows(const char* op, const at::Tensor& logits) {
   TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1), op,
               ": logits are written in place, so rows must not overlap (row stride >= V), got strides ",
               logits.strides(), " for shape ", logits.sizes());
+}
+
+}  // namespace
+
+void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const at::Tensor& logits,
+                           const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                           c10::DeviceType device_type, bool in_place) {
+  check_loss_inputs(op, logits, target, weight, device_type);
+  check_row_vector(op, "grad_losses", grad_losses, logits);
+  check_row_vector(op, "lse", lse, logits);
+  if (in_place) check_writable_rows(op, logits);
 }
 
 namespace {
@@ -209,9 +222,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_losses, const at::Tensor& logits,
                         double label_smoothing, double z_loss, double softcap, double reverse_ce,
                         double reverse_ce_log_zero) {
   constexpr const char* op = "flood_kernels::backward";
-  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CPU);
-  check_row_vector(op, "grad_losses", grad_losses, logits);
-  check_row_vector(op, "lse", lse, logits);
+  check_backward_inputs(op, grad_losses, logits, target, weight, lse, c10::DeviceType::CPU, /*in_place=*/false);
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
   advise_huge_pages(grad);
   backward_into(op, grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
@@ -224,10 +235,7 @@ void backward_inplace_cpu(const at::Tensor& grad_losses, const at::Tensor& logit
                           double label_smoothing, double z_loss, double softcap, double reverse_ce,
                           double reverse_ce_log_zero) {
   constexpr const char* op = "flood_kernels::backward_";
-  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CPU);
-  check_row_vector(op, "grad_losses", grad_losses, logits);
-  check_row_vector(op, "lse", lse, logits);
-  check_writable_rows(op, logits);
+  check_backward_inputs(op, grad_losses, logits, target, weight, lse, c10::DeviceType::CPU, /*in_place=*/true);
   backward_into(op, logits, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
                 reverse_ce, reverse_ce_log_zero);
 }

@@ -20,11 +20,11 @@ c10::ScalarType loss_dtype(c10::ScalarType logits_dtype);
 void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, c10::DeviceType device_type);
 
-// grad_losses and lse: (N,) of the loss dtype on logits' device.
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits);
-
-// backward_: the logits must be writable row by row (rows must not overlap).
-void check_writable_rows(const char* op, const at::Tensor& logits);
+// The backward ops: check_loss_inputs, plus grad_losses and lse (N,) of the loss dtype on logits' device, and
+// for the in-place op logits writable row by row (rows must not overlap).
+void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const at::Tensor& logits,
+                           const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                           c10::DeviceType device_type, bool in_place);
 
 // ---- CPU row kernels ----------------------------------------------------------------------------------
 

@@ -515,9 +515,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_losses, const at::Tensor& logits
                          double label_smoothing, double z_loss, double softcap, double reverse_ce,
                          double reverse_ce_log_zero) {
   constexpr const char* op = "flood_kernels::backward";
-  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CUDA);
-  check_row_vector(op, "grad_losses", grad_losses, logits);
-  check_row_vector(op, "lse", lse, logits);
+  check_backward_inputs(op, grad_losses, logits, target, weight, lse, c10::DeviceType::CUDA, /*in_place=*/false);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
   backward_into_cuda(grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
@@ -530,10 +528,7 @@ void backward_inplace_cuda(const at::Tensor& grad_losses, const at::Tensor& logi
                            double label_smoothing, double z_loss, double softcap, double reverse_ce,
                            double reverse_ce_log_zero) {
   constexpr const char* op = "flood_kernels::backward_";
-  check_loss_inputs(op, logits, target, weight, c10::DeviceType::CUDA);
-  check_row_vector(op, "grad_losses", grad_losses, logits);
-  check_row_vector(op, "lse", lse, logits);
-  check_writable_rows(op, logits);
+  check_backward_inputs(op, grad_losses, logits, target, weight, lse, c10::DeviceType::CUDA, /*in_place=*/true);
   const c10::cuda::CUDAGuard guard(logits.device());
   backward_into_cuda(logits, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
                      reverse_ce, reverse_ce_log_zero);
