@@ -81,11 +81,20 @@ def flooded_cross_entropy(
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
+    loss, raw = flooded_cross_entropy_with_options(input, target, options, flood_level, weight, backend,
+                                                   inplace_backward)
+    return (loss, raw) if return_raw else loss
+
+
+def flooded_cross_entropy_with_options(
+    input: Tensor, target: Tensor, options: LossOptions, flood_level: FloodLevel, weight: Optional[Tensor],
+    backend: str, inplace_backward: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """``flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
     logits, flat_target, row_shape = as_rows(input, target)
     dtype = loss_dtype(logits.dtype)
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
-    level = check_flood_level(flood_level, flood, logits.shape[0], row_shape, logits.device, dtype)
+    level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
     losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
-    loss, raw = flood_row_losses(losses, flat_target, weight, options, level, row_shape)
-    return (loss, raw) if return_raw else loss
+    return flood_row_losses(losses, flat_target, weight, options, level, row_shape)

@@ -272,6 +272,18 @@ def linear_flooded_cross_entropy(
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
+    loss, raw = linear_flooded_cross_entropy_with_options(input, linear_weight, target, linear_bias, options,
+                                                          flood_level, weight, chunk_size, accumulate_in_fp32,
+                                                          backend)
+    return (loss, raw) if return_raw else loss
+
+
+def linear_flooded_cross_entropy_with_options(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor], options: LossOptions,
+    flood_level: FloodLevel, weight: Optional[Tensor], chunk_size: Optional[int], accumulate_in_fp32: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """``linear_flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
     _check_linear(input, linear_weight, linear_bias)
     if not isinstance(accumulate_in_fp32, bool):
         raise TypeError(f"accumulate_in_fp32 must be a bool, got {type(accumulate_in_fp32).__name__}")
@@ -282,12 +294,11 @@ def linear_flooded_cross_entropy(
     chunk = _check_chunk_size(chunk_size, classes, input.element_size())
     dtype = loss_dtype(input.dtype)
     weight = check_weight(weight, classes, input.device, dtype)
-    level = check_flood_level(flood_level, flood, h.shape[0], row_shape, input.device, dtype)
+    level = check_flood_level(flood_level, options.flood, h.shape[0], row_shape, input.device, dtype)
     name = backends.resolve(backend, input.device)
     losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name, chunk,
                                     accumulate_in_fp32, torch.is_grad_enabled())
-    loss, raw = flood_row_losses(losses, flat_target, weight, options, level, row_shape)
-    return (loss, raw) if return_raw else loss
+    return flood_row_losses(losses, flat_target, weight, options, level, row_shape)
 
 
 class LinearFloodedCrossEntropyLoss(nn.Module):
@@ -329,14 +340,9 @@ class LinearFloodedCrossEntropyLoss(nn.Module):
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None) -> Tensor:
-        o = self.options
-        loss, raw = linear_flooded_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, flood_level=self.flood_level, flood=o.flood,
-            weight=self.weight, ignore_index=o.ignore_index, reduction=o.reduction,
-            label_smoothing=o.label_smoothing, z_loss=o.z_loss, softcap=o.softcap, reverse_ce=o.reverse_ce,
-            reverse_ce_log_zero=o.reverse_ce_log_zero, chunk_size=self.chunk_size,
-            accumulate_in_fp32=self.accumulate_in_fp32, backend=self.backend, return_raw=True,
-        )
+        loss, raw = linear_flooded_cross_entropy_with_options(
+            input, linear_weight, target, linear_bias, self.options, self.flood_level, self.weight, self.chunk_size,
+            self.accumulate_in_fp32, self.backend)
         self.last_raw_loss = raw
         return loss
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._inputs import FloodLevel, LossOptions
-from .functional import flooded_cross_entropy
+from .functional import flooded_cross_entropy_with_options
 
 
 class FloodedCrossEntropyLoss(nn.Module):
@@ -46,13 +46,8 @@ class FloodedCrossEntropyLoss(nn.Module):
         self.last_raw_loss: Optional[Tensor] = None
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        o = self.options
-        loss, raw = flooded_cross_entropy(
-            input, target, flood_level=self.flood_level, flood=o.flood, weight=self.weight,
-            ignore_index=o.ignore_index, reduction=o.reduction, label_smoothing=o.label_smoothing,
-            z_loss=o.z_loss, softcap=o.softcap, reverse_ce=o.reverse_ce, reverse_ce_log_zero=o.reverse_ce_log_zero,
-            backend=self.backend, return_raw=True,
-        )
+        loss, raw = flooded_cross_entropy_with_options(input, target, self.options, self.flood_level, self.weight,
+                                                       self.backend)
         self.last_raw_loss = raw
         return loss
 
