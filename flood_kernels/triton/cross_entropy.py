@@ -152,12 +152,13 @@ def _backward_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_REVERSE_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """d l_i / d z_c = a p_c - [c == y] b - eps / V w_c, with
     a = (1 - eps) w_y + eps / V sum(w) + 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y;
-    times dz/dx = 1 - tanh^2 under softcap, times the row's scale."""
+    times dz/dx = 1 - tanh^2 under softcap, times the row's scale. Only reverse CE needs the target logit."""
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     row_grad_ptr = grad_ptr + row * grad_row_stride
@@ -170,13 +171,16 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
     scale = tl.load(grad_losses_ptr + row).to(ACC_DTYPE)
     scale = tl.where(in_range, scale, float("nan"))
-    z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-    p_target = tl.exp(z_target - lse)
     if HAS_WEIGHT:
         w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
     else:
         w_target = 1.0
-    target_coef = (1.0 - label_smoothing) * w_target + reverse_ce_coef * p_target
+    target_coef = (1.0 - label_smoothing) * w_target
+    if HAS_REVERSE_CE:
+        z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+        target_coef += reverse_ce_coef * tl.exp(z_target - lse)
+        # In place, the loop below overwrites the target logit: every warp must have read it first.
+        tl.debug_barrier()
     smoothing_coef = label_smoothing / n_classes
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
@@ -289,6 +293,7 @@ def backward(
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=has_smoothing,
         HAS_SOFTCAP=softcap > 0.0,
+        HAS_REVERSE_CE=reverse_ce > 0.0,
         ACC_DTYPE=_acc_dtype(logits.dtype),
         BLOCK_V=block,
         num_warps=num_warps,
