@@ -30,6 +30,11 @@ constexpr int kWarp = 32;
 constexpr int kWarpRows = 4;           // rows per block in the warp-per-row layout
 constexpr int64_t kWarpRowMaxV = 1024;  // V up to this: a warp per row
 constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
+// Block size cap of the block-per-row layout, and its kernels' __launch_bounds__. Unbounded, ptxas gives several
+// instantiations (fp64, softcap, smoothing) more than 64 registers, so a 1024-thread launch of those fails ("too
+// many resources requested for launch"); 512 threads leave up to 128 registers per thread. The warp layout
+// launches 128 threads and stays unbounded (a bound there makes ptxas spill to save registers).
+constexpr int kMaxBlockThreads = 512;
 
 template <typename T>
 struct AccOf {
@@ -178,7 +183,7 @@ __device__ __forceinline__ void warp_reduce(MaxSum<A>& st, A& smooth) {
 // ---- forward ------------------------------------------------------------------------------------------
 
 template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
-__global__ void forward_kernel(KernelParams p) {
+__device__ __forceinline__ void forward_row(const KernelParams& p) {
   using A = typename AccOf<T>::type;
   constexpr int kVec = Pack<T>::kSize;
   const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
@@ -281,7 +286,7 @@ __global__ void forward_kernel(KernelParams p) {
 // ---- backward -----------------------------------------------------------------------------------------
 
 template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
-__global__ void backward_kernel(KernelParams p) {
+__device__ __forceinline__ void backward_row(const KernelParams& p) {
   using A = typename AccOf<T>::type;
   constexpr int kVec = Pack<T>::kSize;
   const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
@@ -377,6 +382,25 @@ __global__ void backward_kernel(KernelParams p) {
   for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
 }
 
+// ---- kernels: the warp layout (kWarp x kWarpRows threads) and the block layout (up to kMaxBlockThreads) ------
+
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void forward_warp_kernel(KernelParams p) {
+  forward_row<T, SOFTCAP, SMOOTHING, false>(p);
+}
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void __launch_bounds__(kMaxBlockThreads) forward_block_kernel(KernelParams p) {
+  forward_row<T, SOFTCAP, SMOOTHING, true>(p);
+}
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void backward_warp_kernel(KernelParams p) {
+  backward_row<T, SOFTCAP, SMOOTHING, false>(p);
+}
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void __launch_bounds__(kMaxBlockThreads) backward_block_kernel(KernelParams p) {
+  backward_row<T, SOFTCAP, SMOOTHING, true>(p);
+}
+
 // ---- launchers ----------------------------------------------------------------------------------------
 
 struct Launch {
@@ -392,19 +416,19 @@ Launch launch_config(int64_t n_rows, int64_t n_classes, int64_t element_size) {
     return {dim3(static_cast<unsigned>(blocks)), dim3(kWarp, kWarpRows), false};
   }
   TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), "flood_kernels: too many rows (", n_rows, ")");
-  // About 4 vector loads per thread per unrolled step, 128..1024 threads.
+  // About 4 vector loads per thread per unrolled step, 128..kMaxBlockThreads threads.
   const int64_t vectors = n_classes * element_size / 16;
   int threads = 128;
-  while (threads < 1024 && static_cast<int64_t>(threads) * kUnroll * 4 < vectors) threads *= 2;
+  while (threads < kMaxBlockThreads && static_cast<int64_t>(threads) * kUnroll * 4 < vectors) threads *= 2;
   return {dim3(static_cast<unsigned>(n_rows)), dim3(threads), true};
 }
 
 template <typename T, bool SOFTCAP, bool SMOOTHING>
 void launch_forward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
   if (l.block_per_row) {
-    forward_kernel<T, SOFTCAP, SMOOTHING, true><<<l.grid, l.block, 0, stream>>>(p);
+    forward_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   } else {
-    forward_kernel<T, SOFTCAP, SMOOTHING, false><<<l.grid, l.block, 0, stream>>>(p);
+    forward_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -412,9 +436,9 @@ void launch_forward(const KernelParams& p, const Launch& l, cudaStream_t stream)
 template <typename T, bool SOFTCAP, bool SMOOTHING>
 void launch_backward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
   if (l.block_per_row) {
-    backward_kernel<T, SOFTCAP, SMOOTHING, true><<<l.grid, l.block, 0, stream>>>(p);
+    backward_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   } else {
-    backward_kernel<T, SOFTCAP, SMOOTHING, false><<<l.grid, l.block, 0, stream>>>(p);
+    backward_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
