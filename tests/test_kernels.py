@@ -328,6 +328,25 @@ def test_cuda_graph_capture(backend):
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+@pytest.mark.parametrize("v,dtype,options", [
+    (256000, torch.bfloat16, {"softcap": 30.0}),  # Gemma-2 sized, the widest register footprint in bf16
+    (128256, torch.float32, {"label_smoothing": 0.1, "weight": "random"}),
+    (20000, torch.float64, {"z_loss": 1e-4, "reverse_ce": 0.2}),
+])
+def test_large_vocabularies_with_options(backend, v, dtype, options):
+    """Launch configurations of the largest rows, with the options that raise register pressure."""
+    options = materialize(options, v, "cuda")
+    x = random_logits(5, v, "cuda", dtype=dtype)
+    target = random_target(5, v, "cuda")
+    loss, _, grad = loss_and_grad(x, target, -1.0, backend=backend, flood_level=0.5, **options)
+    ref_loss, _, ref_grad = reference64(x, target, -1.0, flood_level=0.5, **options)
+    assert_loss_close(loss, ref_loss)
+    assert_grad_close(grad, ref_grad, dtype)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
 def test_64bit_offsets(backend):
     """N x V >= 2**31 elements: rows past the int32 range are addressed correctly."""
     n, v = 16400, 131072

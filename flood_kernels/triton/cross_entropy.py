@@ -293,7 +293,7 @@ def backward(
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=has_smoothing,
         HAS_SOFTCAP=softcap > 0.0,
-        HAS_REVERSE_CE=reverse_ce > 0.0,
+        HAS_REVERSE_CE=reverse_ce != 0.0,
         ACC_DTYPE=_acc_dtype(logits.dtype),
         BLOCK_V=block,
         num_warps=num_warps,
