@@ -76,14 +76,16 @@ def _make_autograd(ops: KernelOps):
     return setup_context, backward
 
 
-def register(qualified_names: Tuple[str, str, str], ops: KernelOps) -> KernelOps:
-    """Register the fakes and the autograd formula for one backend's op triple."""
+def register(qualified_names: Tuple[str, str, str], ops: KernelOps, autograd: bool = True) -> KernelOps:
+    """Register the fakes and (unless the op brings its own, as the C++ extension does) the autograd formula
+    for one backend's op triple."""
     forward_name, backward_name, backward_inplace_name = qualified_names
     torch.library.register_fake(forward_name, _empty_row_outputs)
     torch.library.register_fake(backward_name, _fake_backward)
     torch.library.register_fake(backward_inplace_name, _fake_backward_inplace)
-    setup_context, backward = _make_autograd(ops)
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    if autograd:
+        setup_context, backward = _make_autograd(ops)
+        torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
     return ops
 
 
@@ -138,6 +140,7 @@ def _load_extension_ops() -> Optional[KernelOps]:
     return register(
         ("flood_kernels::forward", "flood_kernels::backward", "flood_kernels::backward_"),
         KernelOps(ops.forward.default, ops.backward.default, ops.backward_.default),
+        autograd=False,  # csrc/flood_ce_autograd.cpp: the same formula, registered in C++
     )
 
 
