@@ -18,7 +18,7 @@ def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int
     """PyTorch's "mean" denominator: the summed class weight (or the count) of the non-ignored rows."""
     valid = target != ignore_index
     if weight is None:
-        return valid.sum().to(dtype)
+        return valid.sum(dtype=dtype)
     safe_target = torch.where(valid, target, 0)
     return torch.where(valid, weight.to(dtype)[safe_target], 0.0).sum()
 
