@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flood_kernels import available_backends, bench, flooded_cross_entropy
+from flood_kernels import available_backends, bench
 from flood_kernels.linear import linear_flooded_cross_entropy
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

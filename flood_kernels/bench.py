@@ -178,7 +178,7 @@ def markdown_table(records: Sequence[Record], bandwidth: float, device_name: str
     by_cell: Dict[Tuple, Dict[str, Record]] = {}
     for r in records:
         by_cell.setdefault((r.n, r.v, r.dtype, r.phase, r.mode), {})[r.implementation] = r
-    for cell, impls in by_cell.items():
+    for impls in by_cell.values():
         ours = [r.ms for name, r in impls.items() if name.startswith("flood_kernels")]
         for r in impls.values():
             ratio = f"{r.ms / min(ours):.2f}x" if ours else "-"
