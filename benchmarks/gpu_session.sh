@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLOOD_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
     || { tail -50 "$OUT/build.log"; exit 1; }
+rm -f "$OUT/build.log"  # the device tool returns at most 8 files: keep the build log only when it failed
 python3 -c "import flood_kernels as f; print('backends:', f.available_backends('cuda'))" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -x tests/ 2>&1 | tee "$OUT/tests.log" | tail -5
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -25,3 +26,6 @@ fi
 python3 -m flood_kernels.bench --shapes "$shapes" --out "$OUT/bench" 2> /dev/null | tail -40
 # The device tool returns at most 8 files: the plots travel as one tar.
 (cd "$OUT/bench" && tar -cf plots.tar ./*.png && rm -f ./*.png) 2>/dev/null
+# Classification shapes are launch-bound: eager calls and CUDA-graph replays side by side.
+python3 -m flood_kernels.bench --shapes classification --modes fwd+bwd,graph --out "$OUT/cls" 2> /dev/null | tail -40
+rm -f "$OUT"/cls/*.png

@@ -49,7 +49,7 @@ class Record:
     v: int
     dtype: str
     phase: str
-    mode: str  # "fwd+bwd" or "fwd"
+    mode: str  # "fwd+bwd", "fwd", or "graph" (fwd+bwd replayed from a CUDA graph)
     ms: float
     gbps: float
     pct_floor_1r1w: float
@@ -134,13 +134,34 @@ def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
 
 
+def _captured(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph (after warm-up on a side stream); returns the graph's replay.
+
+    Replays skip Python and launch overhead: what a training step captured whole would see. Raises (a
+    RuntimeError from the capture) for code that synchronizes with the host.
+    """
+    if device.type != "cuda":
+        raise ValueError("mode 'graph' needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, phase: str, mode: str,
              device: torch.device, bandwidth: float, min_seconds: float) -> Record:
     generator = torch.Generator().manual_seed(n * 7919 + v)
     x = (torch.randn(n, v, generator=generator) * 2).to(device=device, dtype=dtype)
     target = torch.randint(0, v, (n,), generator=generator).to(device)
     level = PHASE_LEVELS[phase]
-    if mode == "fwd+bwd":
+    backward = mode in ("fwd+bwd", "graph")
+    if backward:
         x.requires_grad_(True)
 
         def step() -> None:
@@ -150,11 +171,13 @@ def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, p
         def step() -> None:
             with torch.no_grad():
                 loss_fn(x, target, level)
+    if mode == "graph":
+        step = _captured(step, device)
     ms = time_ms(step, device, min_seconds=min_seconds)
     peak = _peak_extra_mb(step, device)
     logits_bytes = n * v * x.element_size()
-    moved = 3 * logits_bytes if mode == "fwd+bwd" else logits_bytes
-    floor_1r1w_ms = (2 if mode == "fwd+bwd" else 1) * logits_bytes / (bandwidth * 1e9) * 1e3
+    moved = 3 * logits_bytes if backward else logits_bytes
+    floor_1r1w_ms = (2 if backward else 1) * logits_bytes / (bandwidth * 1e9) * 1e3
     floor_2r1w_ms = moved / (bandwidth * 1e9) * 1e3
     return Record(name, n, v, str(dtype).replace("torch.", ""), phase, mode, ms, moved / (ms * 1e-3) / 1e9,
                   100 * floor_1r1w_ms / ms, 100 * floor_2r1w_ms / ms, peak)
@@ -233,7 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shapes", default=None, choices=sorted(SHAPE_SETS),
                         help="shape set (default: 'quick' on GPU, 'cpu' on CPU)")
     parser.add_argument("--phases", default="descent,ascent")
-    parser.add_argument("--modes", default="fwd+bwd", help="comma list of fwd+bwd, fwd")
+    parser.add_argument("--modes", default="fwd+bwd",
+                        help="comma list of fwd+bwd, fwd, graph (fwd+bwd replayed from a CUDA graph)")
     parser.add_argument("--only", default=None, help="comma list of implementation names to run")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
     parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per cell")
@@ -241,6 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if "graph" in args.modes.split(",") and device.type != "cuda":
+        parser.error("--modes graph needs a CUDA device")
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     shapes = SHAPE_SETS[args.shapes or ("quick" if device.type == "cuda" else "cpu")]
@@ -265,6 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except torch.OutOfMemoryError:
                 total -= 1
                 torch.cuda.empty_cache()
+            except RuntimeError as error:
+                if mode != "graph":
+                    raise
+                total -= 1  # not capturable (host synchronization, dynamic allocation): skipped, and said
+                sys.stderr.write(f"\n{name}: not capturable in a CUDA graph ({str(error).splitlines()[0][:120]})\n")
     _progress(total, total, "done")
     sys.stderr.write("\n")
     os.makedirs(args.out, exist_ok=True)
