@@ -30,6 +30,7 @@ from . import available_backends, flooded_cross_entropy
 
 PHASE_LEVELS = {"descent": 0.0, "ascent": 50.0}  # b below / above a CE of ~log(V) at random logits
 SHAPE_SETS = {
+    "smoke": [(64, 100, "float32"), (32, 257, "bfloat16")],
     "cpu": [(4096, 32000, "float32"), (1024, 32000, "bfloat16"), (256, 1000, "float32")],
     "quick": [(8192, 32000, "bfloat16"), (16384, 128256, "bfloat16"), (256, 1000, "float32")],
     "issue2": [(n, v, "bfloat16") for n in (8192, 16384) for v in (32000, 128256, 256000)],
