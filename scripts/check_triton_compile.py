@@ -1,0 +1,134 @@
+"""Compile-only check of the Triton kernels for NVIDIA GPUs, on a machine without one (CI).
+
+The Triton interpreter, which the test suite uses without a GPU, accepts code that the real compiler
+rejects and says nothing about speed. This compiles every kernel variant (each dtype, each combination of
+the compile-time switches) for sm_90 (and sm_80) with the launch configuration the launcher would pick at
+V = 128256, as a launch with 16-byte aligned rows would specialize it, and reads the result:
+
+* the compilation must succeed;
+* no local memory (register spills or stack) in the resource usage that cuobjdump reports;
+* the PTX must load the logits with 16-byte vector loads (``ld.global.v4.b32`` / ``.v2.b64``), and the
+  backward must store the gradient with 16-byte vector stores.
+
+Prints a table (registers per thread, shared memory, load width per variant) and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler: must be decided before the kernels are imported
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.backends.nvidia as nvidia_backend  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flood_kernels.triton import cross_entropy as ce  # noqa: E402
+
+V = 128256
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+ACC = {"fp64": "fp64"}
+CUOBJDUMP = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
+
+
+def forward_signature(dtype: str):
+    acc = ACC.get(dtype, "fp32")
+    return {"losses_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
+            "weight_ptr": f"*{acc}", "logits_row_stride": "i32", "n_classes": "i32", "ignore_index": "i32",
+            "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+
+
+def backward_signature(dtype: str):
+    acc = ACC.get(dtype, "fp32")
+    return {"grad_ptr": f"*{dtype}", "grad_losses_ptr": f"*{acc}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
+            "weight_ptr": f"*{acc}", "weight_sum_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "grad_row_stride": "i32",
+            "logits_row_stride": "i32", "n_classes": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+            "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+
+
+def compile_variant(kernel, signature, switches, dtype: str, arch: int):
+    """Compile one variant as an aligned launch would specialize it; returns the compiled kernel."""
+    block, num_warps = ce._launch_config(V, DTYPES[dtype].itemsize)
+    constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_V=block)
+    names = list(signature) + list(constexprs)
+    full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    aligned = [name for name, kind in signature.items()
+               if kind.startswith("*") or name.endswith("row_stride") or name == "n_classes"]
+    src = ASTSource(
+        fn=kernel,
+        signature=full_signature,
+        constexprs={(names.index(name),): value for name, value in constexprs.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def resource_usage(compiled) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                                check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default="90,80", help="comma list of compute capabilities")
+    parser.add_argument("--quick", action="store_true", help="only the all-off and all-on switch combinations")
+    args = parser.parse_args()
+    kernels = [
+        ("forward", ce._forward_kernel, forward_signature, ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")),
+        ("backward", ce._backward_kernel, backward_signature,
+         ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE")),
+    ]
+    failures = []
+    print(f"triton {triton.__version__}; V = {V}; aligned rows; launch config from the launcher")
+    print("| kernel | dtype | sm | switches on | regs | shared B | local B | 16-byte accesses | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arch in (int(a) for a in args.archs.split(",")):
+        for name, kernel, signature, switch_names in kernels:
+            combos = list(itertools.product((False, True), repeat=len(switch_names)))
+            if args.quick:
+                combos = [combos[0], combos[-1]]
+            for dtype, combo in itertools.product(DTYPES, combos):
+                switches = dict(zip(switch_names, combo))
+                on = ",".join(n[4:].lower() for n, v in switches.items() if v) or "-"
+                start = time.perf_counter()
+                try:
+                    compiled = compile_variant(kernel, signature(dtype), switches, dtype, arch)
+                except Exception as error:  # any compiler error is the finding
+                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: {type(error).__name__}: {error}")
+                    print(f"| {name} | {dtype} | {arch} | {on} | FAILED | | | | |")
+                    continue
+                usage = resource_usage(compiled)
+                ptx = compiled.asm["ptx"]
+                vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
+                if name == "backward":
+                    vector_loads &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
+                local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+                print(f"| {name} | {dtype} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "
+                      f"{'yes' if vector_loads else 'NO'} | {time.perf_counter() - start:.1f} |")
+                if local:
+                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: {local} bytes of local memory (spills)")
+                if not vector_loads:
+                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: no 16-byte vector loads / stores of the rows")
+    for failure in failures:
+        print("FAIL:", failure, file=sys.stderr)
+    print("check_triton_compile:", "OK" if not failures else f"{len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
