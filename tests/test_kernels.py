@@ -97,9 +97,9 @@ def test_half_precision(device, backend, dtype, option_set):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
-@pytest.mark.parametrize("v", [1, 2, 4097, 8195])
+@pytest.mark.parametrize("v", [1, 2, 4097, 8195, 524288])
 def test_vocabulary_sizes(device, backend, v):
-    """V = 1, and V just past one and two blocks of the widest fp32 / half configurations."""
+    """V = 1, V just past one and two blocks of the widest fp32 / half configurations, and V = 512k."""
     n = 3
     for dtype in (torch.float32, torch.bfloat16):
         x = random_logits(n, v, device, dtype=dtype)
