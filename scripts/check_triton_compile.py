@@ -10,6 +10,7 @@ V = 128256, as a launch with 16-byte aligned rows would specialize it, and reads
 * the PTX must load the logits with 16-byte vector loads (``ld.global.v4.b32`` / ``.v2.b64``), and the
   backward must store the gradient with 16-byte vector stores.
 
+Small vocabularies (V = 1, 10, 1000: other block sizes and warp counts, unaligned rows) must compile too.
 Prints a table (registers per thread, shared memory, load width per variant) and exits non-zero on failure.
 """
 
@@ -57,14 +58,14 @@ def backward_signature(dtype: str):
             "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
 
 
-def compile_variant(kernel, signature, switches, dtype: str, arch: int):
-    """Compile one variant as an aligned launch would specialize it; returns the compiled kernel."""
-    block, num_warps = ce._launch_config(V, DTYPES[dtype].itemsize)
+def compile_variant(kernel, signature, switches, dtype: str, arch: int, v: int = V):
+    """Compile one variant as a launch at ``v`` classes would specialize it; returns the compiled kernel."""
+    block, num_warps = ce._launch_config(v, DTYPES[dtype].itemsize)
     constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_V=block)
     names = list(signature) + list(constexprs)
     full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
     aligned = [name for name, kind in signature.items()
-               if kind.startswith("*") or name.endswith("row_stride") or name == "n_classes"]
+               if kind.startswith("*") or (v % 16 == 0 and (name.endswith("row_stride") or name == "n_classes"))]
     src = ASTSource(
         fn=kernel,
         signature=full_signature,
@@ -124,6 +125,14 @@ def main() -> int:
                     failures.append(f"{name} {dtype} sm_{arch} [{on}]: {local} bytes of local memory (spills)")
                 if not vector_loads:
                     failures.append(f"{name} {dtype} sm_{arch} [{on}]: no 16-byte vector loads / stores of the rows")
+    # Small vocabularies (classification): other block sizes and warp counts, unaligned rows; must compile.
+    for name, kernel, signature, switch_names in kernels:
+        for v, dtype in itertools.product((1, 10, 1000), ("fp32", "bf16")):
+            switches = dict.fromkeys(switch_names, True)
+            try:
+                compile_variant(kernel, signature(dtype), switches, dtype, 90, v)
+            except Exception as error:
+                failures.append(f"{name} {dtype} sm_90 V={v}: {type(error).__name__}: {error}")
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     print("check_triton_compile:", "OK" if not failures else f"{len(failures)} failure(s)")
