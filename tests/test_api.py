@@ -122,7 +122,8 @@ def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, com
 
     @torch.compile(fullgraph=True, backend=counter)
     def step(h, target, level):
-        loss, raw = flooded_cross_entropy(model(h), target, flood_level=level, return_raw=True, backend=backend)
+        loss, raw = flooded_cross_entropy(model(h), target, flood_level=level, return_raw=True, backend=backend,
+                                          inplace_backward=True)
         per_sample = flooded_cross_entropy(model(h), target, flood="individual", flood_level=level,
                                            reduction="none", backend=backend)
         total = flooded_cross_entropy(model(h), target, flood=None, reduction="sum", backend=backend)
