@@ -10,9 +10,10 @@ CUDA; the Triton backend defines them below with ``torch.library.custom_op``)::
 
 ``logits`` is ``(N, V)`` with class stride 1, ``target`` int64 ``(N,)``, ``weight`` ``(V,)`` in the loss
 dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` and ``lse``
-are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. The autograd
-formula registered here is shared by all backends: the per-row ``grad_losses`` that autograd hands over
-already holds grad_output, the flood sign and the mean denominator, and goes straight to the kernel.
+are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. Every backend has
+the same autograd formula (registered here for the Triton ops, in ``csrc/flood_ce_autograd.cpp`` for the
+extension's, which saves the Python wrapper's per-call cost): the per-row ``grad_losses`` that autograd hands
+over already holds grad_output, the flood sign and the mean denominator, and goes straight to the kernel.
 """
 
 from __future__ import annotations
