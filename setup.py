@@ -75,12 +75,14 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch"],
     extras_require={
-        "triton": ["triton"],
-        "transformers": ["transformers>=4.46", "accelerate>=1.1.0"],
+        # Tested with triton 3.6 (GPU machine) and 3.9 (CPU interpreter, and the sm_90 compile check's API).
+        "triton": ["triton>=3.6,<3.10"],
+        "transformers": ["transformers>=4.46,<6", "accelerate>=1.1.0"],
         "examples": ["matplotlib"],
         # The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers
         # integration and the examples' plots.
-        "test": ["pytest", "pytest-benchmark", "triton", "transformers>=4.46", "accelerate>=1.1.0", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.10", "transformers>=4.46,<6", "accelerate>=1.1.0",
+                 "matplotlib"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
