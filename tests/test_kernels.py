@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from flood_kernels import flooded_cross_entropy
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
-                     random_logits, random_target, reference64, requires_cuda)
+                     random_logits, random_target, reference64, requires_cuda, row_term_scale)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -366,3 +368,49 @@ def test_64bit_offsets(backend):
     x64 = x.detach()[rows].double().requires_grad_(True)
     torch.nn.functional.cross_entropy(x64, target[rows], reduction="sum").backward()
     assert_grad_close(x.grad[rows], x64.grad, torch.bfloat16)
+
+
+def _random_configuration(rng: torch.Generator, device: str):
+    """One random case: shape, dtype, every option drawn independently, flood mode and reduction."""
+    def draw(values):
+        return values[int(torch.randint(len(values), (1,), generator=rng))]
+
+    n, v = draw([1, 3, 17]), draw([1, 5, 130, 1000])
+    dtype = draw([torch.float32, torch.bfloat16, torch.float16])
+    flood, reduction = draw([("batch", "mean"), ("batch", "sum"), ("individual", "mean"), ("individual", "none"),
+                             (None, "sum"), (None, "none")])
+    options = {
+        "ignore_index": draw([-100, 0]),
+        "label_smoothing": draw([0.0, 0.25]),
+        "z_loss": draw([0.0, 1e-3]),
+        "softcap": draw([None, 3.0]),
+        "reverse_ce": draw([0.0, 0.4]),
+        "flood": flood,
+        "reduction": reduction,
+    }
+    if draw([False, True]):
+        options["weight"] = (torch.rand(v, generator=rng) + 0.25).to(device)
+    if flood == "individual" and draw([False, True]):
+        options["flood_level"] = (torch.rand(n, generator=rng) * 4).to(device)
+    else:
+        # Not 0: with V = 1 every loss is exactly 0, and the sign of |l - b| at the tie l == b is a coin toss
+        # in fp32 (flood_level=0 is covered by the listed cases).
+        options["flood_level"] = draw([0.5, 1.0, 30.0])
+    x = (torch.randn(n, v, generator=rng) * 3).to(device=device, dtype=dtype)
+    target = torch.randint(0, v, (n,), generator=rng)
+    target[torch.rand(n, generator=rng) < 0.2] = options["ignore_index"]
+    grad_output = draw([1.0, -2.0, 1e3])
+    return x, target.to(device), grad_output, options
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("seed", range(int(os.environ.get("FLOOD_RANDOM_CASES", "16"))))
+def test_random_configurations(device, backend, seed):
+    """Options drawn at random together, so combinations nobody listed are checked too."""
+    rng = torch.Generator().manual_seed(1000 + seed)
+    x, target, grad_output, options = _random_configuration(rng, device)
+    loss, raw, grad = loss_and_grad(x, target, grad_output, backend=backend, **options)
+    ref_loss, ref_raw, ref_grad = reference64(x, target, grad_output, **options)
+    assert_loss_close(loss, ref_loss)
+    assert_loss_close(raw, ref_raw)
+    assert_grad_close(grad, ref_grad, x.dtype, term_scale=row_term_scale(x, target, grad_output, **options))
