@@ -70,7 +70,8 @@ class FloodCrossEntropy : public torch::autograd::Function<FloodCrossEntropy> {
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     double s[std::size(kScalarNames)];
     for (size_t i = 0; i < std::size(kScalarNames); ++i) s[i] = ctx->saved_data[kScalarNames[i]].toDouble();
-    const bool rows_writable = logits.size(0) <= 1 || logits.stride(0) >= logits.size(1);
+    // Symbolic sizes: under torch.compile with dynamic shapes this guards on the condition, not on N.
+    const bool rows_writable = logits.sym_size(0) <= 1 || logits.sym_stride(0) >= logits.sym_size(1);
     if (ctx->saved_data["inplace_backward"].toBool() && rows_writable) {
       static const auto backward_inplace_op = op_handle<BackwardInplaceSignature>("flood_kernels::backward_");
       backward_inplace_op.call(grad_losses, logits, target, weight, lse, ignore_index, s[0], s[1], s[2], s[3], s[4]);

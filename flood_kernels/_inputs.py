@@ -65,7 +65,7 @@ class LossOptions:
 def _check_real(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # NaN compares false; unlike math.isfinite, traceable by dynamo
         raise ValueError(f"{name} must be finite, got {value}")
 
 

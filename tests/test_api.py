@@ -148,3 +148,25 @@ def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, com
         torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled_grad, model.weight.grad, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu")])
+def test_torch_compile_dynamic_batch_size_compiles_once(backend):
+    """Under dynamic shapes nothing in the op stack specializes on N (a new batch size never recompiles)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, dynamic=True, backend=counter)
+    def loss_fn(x, target, level):
+        return flooded_cross_entropy(x, target, flood_level=level, inplace_backward=True, backend=backend)
+
+    frames = []
+    for n in (8, 16, 33):
+        x = random_logits(n, 40, "cpu").requires_grad_(True)
+        target = random_target(n, 40, "cpu")
+        loss = loss_fn(x * 1.0, target, torch.tensor(1.5))
+        loss.backward()
+        expected = (F.cross_entropy(x.detach(), target) - 1.5).abs() + 1.5
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[-1] == frames[0]
