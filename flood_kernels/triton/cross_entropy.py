@@ -14,6 +14,7 @@ loop never holds more than ``BLOCK_V`` elements, so any V works without spilling
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -220,6 +221,11 @@ def _acc_dtype(dtype: torch.dtype):
     return _TORCH_TO_TRITON_ACC.get(dtype, tl.float32)
 
 
+def _on_device(tensor: Tensor):
+    """Triton launches on the current CUDA device and stream: make them the tensor's (multi-GPU callers)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _check_targets_on_cpu(target: Tensor, n_classes: int, ignore_index: int) -> None:
     """On CPU a bad target raises like PyTorch; on GPU the kernels give that row NaN (no host sync)."""
     if target.device.type == "cpu":
@@ -250,18 +256,19 @@ def forward(
     if n_rows == 0:
         return
     block, num_warps = _launch_config(n_classes, logits.element_size())
-    _forward_kernel[(n_rows,)](
-        losses, lse,
-        logits, target, weight if weight is not None else losses,
-        logits.stride(0), n_classes,
-        ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap > 0.0,
-        ACC_DTYPE=_acc_dtype(logits.dtype),
-        BLOCK_V=block,
-        num_warps=num_warps,
-    )
+    with _on_device(logits):
+        _forward_kernel[(n_rows,)](
+            losses, lse,
+            logits, target, weight if weight is not None else losses,
+            logits.stride(0), n_classes,
+            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_SOFTCAP=softcap > 0.0,
+            ACC_DTYPE=_acc_dtype(logits.dtype),
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
 
 
 def backward(
@@ -285,16 +292,17 @@ def backward(
     has_smoothing = label_smoothing > 0.0
     weight_sum = weight.sum() if weight is not None and has_smoothing else lse
     block, num_warps = _launch_config(n_classes, logits.element_size())
-    _backward_kernel[(n_rows,)](
-        grad,
-        grad_losses, logits, target, weight if weight is not None else lse, weight_sum, lse,
-        grad.stride(0), logits.stride(0), n_classes,
-        ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=has_smoothing,
-        HAS_SOFTCAP=softcap > 0.0,
-        HAS_REVERSE_CE=reverse_ce != 0.0,
-        ACC_DTYPE=_acc_dtype(logits.dtype),
-        BLOCK_V=block,
-        num_warps=num_warps,
-    )
+    with _on_device(logits):
+        _backward_kernel[(n_rows,)](
+            grad,
+            grad_losses, logits, target, weight if weight is not None else lse, weight_sum, lse,
+            grad.stride(0), logits.stride(0), n_classes,
+            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=has_smoothing,
+            HAS_SOFTCAP=softcap > 0.0,
+            HAS_REVERSE_CE=reverse_ce != 0.0,
+            ACC_DTYPE=_acc_dtype(logits.dtype),
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
