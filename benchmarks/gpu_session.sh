@@ -6,12 +6,18 @@
 #   4. the benchmark: copy bandwidth, then every backend vs the one-liners (and installed peers) at the
 #      issue shapes, JSON + markdown + plots.
 # Usage (device tool): bash benchmarks/gpu_session.sh [shape set, default issue2]
+# (with carry [".whl"] after benchmarks/fetch_peer_wheels.sh, the peers are benchmarked too)
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 shapes="${1:-issue2}"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 FLOOD_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+# Peers' wheels carried from benchmarks/fetch_peer_wheels.sh (pure Python; torch and triton are there).
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/peers .whl/*.whl \
+        && export PYTHONPATH="/tmp/peers${PYTHONPATH:+:$PYTHONPATH}"
+fi
 # No network there: an editable install with the machine's own setuptools, else an in-place build.
 if ! python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
     python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
