@@ -114,13 +114,14 @@ def implementations(device: torch.device, with_compile: bool = True) -> Dict[str
     impls["eager"] = _one_liner(upcast=False)
     if with_compile:
         impls["torch.compile (upcast)"] = torch.compile(_one_liner(upcast=True), dynamic=False)
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-
-        liger = LigerCrossEntropyLoss()
-        impls["liger"] = lambda x, t, b: (liger(x, t) - b).abs() + b
-    except ImportError:
-        pass
+    if device.type == "cuda":  # Liger's kernels are Triton kernels for CUDA tensors
+        try:
+            from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        except ImportError as error:
+            sys.stderr.write(f"liger-kernel not benchmarked: {error}\n")
+        else:
+            liger = LigerCrossEntropyLoss()
+            impls["liger"] = lambda x, t, b: (liger(x, t) - b).abs() + b
     return impls
 
 
