@@ -17,7 +17,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-LIMITED_API = "cp39"  # the module has no pybind11 and only calls PyModule_Create: one abi3 wheel per platform
+LIMITED_API = "cp310"  # the module has no pybind11 and only calls PyModule_Create: one abi3 wheel per platform
 
 
 def _sources(pattern: str):
@@ -72,7 +72,7 @@ setup(
     version="0.1.0",
     description="Fused cross-entropy with flooding for PyTorch (Triton, C++ and CUDA kernels)",
     packages=find_packages(include=["flood_kernels", "flood_kernels.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch"],
     extras_require={
         # Tested with triton 3.6 (GPU machine) and 3.9 (CPU interpreter, and the sm_90 compile check's API).
