@@ -2,6 +2,8 @@
 // implementations) and the per-ISA CPU row kernels (compiled once per instruction set, see csrc/cpu/).
 #pragma once
 
+#include "flood_ce_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <optional>

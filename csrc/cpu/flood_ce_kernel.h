@@ -107,15 +107,7 @@ inline Vectorized<A> vcapped(const Vectorized<A>& x, A softcap) {
 
 template <typename A>
 inline void stanh_with_derivative(A u, A& th, A& dth) {
-  const A a = std::abs(u);
-  const A t = sexp(A(-2) * a);
-  const A a2 = a * a;
-  const A near =
-      a * (A(1) + a2 * (A(-1.0 / 3.0) + a2 * (A(2.0 / 15.0) + a2 * (A(-17.0 / 315.0) + a2 * A(62.0 / 2835.0)))));
-  const bool is_near = a < A(0.125);
-  const A magnitude = is_near ? near : (A(1) - t) / (A(1) + t);
-  dth = is_near ? A(1) - near * near : A(4) * t / ((A(1) + t) * (A(1) + t));
-  th = u < A(0) ? -magnitude : magnitude;
+  tanh_with_derivative_given_exp(u, sexp(A(-2) * std::abs(u)), th, dth);
 }
 
 // NaN-propagating max.

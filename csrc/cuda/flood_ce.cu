@@ -60,15 +60,7 @@ __device__ __forceinline__ A neg_inf() {
 // tanh(u) and 1 - tanh(u)^2, as _tanh_with_derivative in the Triton kernel.
 template <typename A>
 __device__ __forceinline__ void tanh_with_derivative(A u, A& th, A& dth) {
-  const A a = u < A(0) ? -u : u;
-  const A t = dexp(A(-2) * a);
-  const A a2 = a * a;
-  const A near =
-      a * (A(1) + a2 * (A(-1.0 / 3.0) + a2 * (A(2.0 / 15.0) + a2 * (A(-17.0 / 315.0) + a2 * A(62.0 / 2835.0)))));
-  const bool is_near = a < A(0.125);
-  const A magnitude = is_near ? near : (A(1) - t) / (A(1) + t);
-  dth = is_near ? A(1) - near * near : A(4) * t / ((A(1) + t) * (A(1) + t));
-  th = u < A(0) ? -magnitude : magnitude;
+  tanh_with_derivative_given_exp(u, dexp(A(-2) * (u < A(0) ? -u : u)), th, dth);
 }
 
 template <typename A, bool SOFTCAP>

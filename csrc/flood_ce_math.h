@@ -1,0 +1,29 @@
+// Scalar math shared by the CPU and CUDA kernels (host and device code; one definition of each series).
+// Included through flood_ce.h before any per-ISA code-generation pragma, so the CPU builds share one
+// generic instantiation (used per row, not per element).
+#pragma once
+
+#if defined(__CUDACC__)
+#define FLOOD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FLOOD_HOST_DEVICE inline
+#endif
+
+namespace flood_kernels {
+
+// tanh(u) and its derivative 1 - tanh(u)^2, given t = exp(-2 |u|) from the caller's exp: a series near 0,
+// where (1 - t) / (1 + t) would cancel, the closed forms elsewhere (as _tanh_with_derivative in the Triton
+// kernel, flood_kernels/triton/cross_entropy.py).
+template <typename A>
+FLOOD_HOST_DEVICE void tanh_with_derivative_given_exp(A u, A t, A& th, A& dth) {
+  const A a = u < A(0) ? -u : u;
+  const A a2 = a * a;
+  const A near =
+      a * (A(1) + a2 * (A(-1.0 / 3.0) + a2 * (A(2.0 / 15.0) + a2 * (A(-17.0 / 315.0) + a2 * A(62.0 / 2835.0)))));
+  const bool is_near = a < A(0.125);
+  const A magnitude = is_near ? near : (A(1) - t) / (A(1) + t);
+  dth = is_near ? A(1) - near * near : A(4) * t / ((A(1) + t) * (A(1) + t));
+  th = u < A(0) ? -magnitude : magnitude;
+}
+
+}  // namespace flood_kernels
