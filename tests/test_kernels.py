@@ -250,6 +250,12 @@ def test_inplace_backward_overwrites_only_when_asked(device, backend):
     assert_grad_close(x.grad, ref_grad, torch.float32)
     assert_grad_close(logits.detach(), ref_grad, torch.float32)
 
+    leaf = base.clone().requires_grad_(True)  # the logits themselves a leaf: its .grad must still be right
+    loss = flooded_cross_entropy(leaf, target, flood_level=9.0, label_smoothing=0.1, inplace_backward=True,
+                                 backend=backend)
+    (loss * -1.5).backward()
+    assert_grad_close(leaf.grad, ref_grad, torch.float32)
+
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_out_of_range_target(device, backend):
