@@ -11,6 +11,16 @@
 
 namespace flood_kernels {
 
+// The accumulation type of the kernels: float for every logits dtype, double for double (loss_dtype's rule).
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
 // tanh(u) and its derivative 1 - tanh(u)^2, given t = exp(-2 |u|) from the caller's exp: a series near 0,
 // where (1 - t) / (1 + t) would cancel, the closed forms elsewhere (as _tanh_with_derivative in the Triton
 // kernel, flood_kernels/triton/cross_entropy.py).

@@ -18,15 +18,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // ---- vector helpers -------------------------------------------------------------------------------------
 
 // exp with IEEE edge cases: NaN -> NaN, +inf / overflow -> +inf, -inf -> 0. Vectorized<float>::exp_u20
@@ -347,24 +338,24 @@ void backward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   }
 }
 
-void forward_any(const RowArgs& args, int64_t begin, int64_t end) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float: return forward_rows<float>(args, begin, end);
-    case c10::ScalarType::Double: return forward_rows<double>(args, begin, end);
-    case c10::ScalarType::Half: return forward_rows<c10::Half>(args, begin, end);
-    case c10::ScalarType::BFloat16: return forward_rows<c10::BFloat16>(args, begin, end);
+// Calls rows(T{}) with the logits' element type T.
+template <typename Rows>
+void with_logits_type(c10::ScalarType dtype, Rows rows) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return rows(float{});
+    case c10::ScalarType::Double: return rows(double{});
+    case c10::ScalarType::Half: return rows(c10::Half{});
+    case c10::ScalarType::BFloat16: return rows(c10::BFloat16{});
     default: return;  // unreachable: dtypes are checked by the op
   }
 }
 
+void forward_any(const RowArgs& args, int64_t begin, int64_t end) {
+  with_logits_type(args.dtype, [&](auto tag) { forward_rows<decltype(tag)>(args, begin, end); });
+}
+
 void backward_any(const RowArgs& args, int64_t begin, int64_t end) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float: return backward_rows<float>(args, begin, end);
-    case c10::ScalarType::Double: return backward_rows<double>(args, begin, end);
-    case c10::ScalarType::Half: return backward_rows<c10::Half>(args, begin, end);
-    case c10::ScalarType::BFloat16: return backward_rows<c10::BFloat16>(args, begin, end);
-    default: return;
-  }
+  with_logits_type(args.dtype, [&](auto tag) { backward_rows<decltype(tag)>(args, begin, end); });
 }
 
 }  // namespace

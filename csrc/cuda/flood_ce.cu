@@ -36,15 +36,6 @@ constexpr int kUnroll = 4;             // 16-byte loads in flight per thread
 // launches 128 threads and stays unbounded (a bound there makes ptxas spill to save registers).
 constexpr int kMaxBlockThreads = 512;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // Fast exp as Triton's tl.exp (ex2.approx) for fp32; exact exp for fp64. Both give exp(-inf) = 0,
 // exp(NaN) = NaN, exp(+inf) = +inf.
 __device__ __forceinline__ float dexp(float x) { return __expf(x); }
