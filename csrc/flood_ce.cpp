@@ -21,10 +21,6 @@
 #include <string>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace flood_kernels {
 
 // ---- argument checks ----------------------------------------------------------------------------------
@@ -155,22 +151,6 @@ RowArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std:
   return a;
 }
 
-// A fresh N x V gradient is mostly page faults on first touch (4 KB pages: ~3/4 of the backward's time at
-// N = 4096, V = 32000 fp32). Ask for transparent huge pages on the 2 MB-aligned interior of large buffers,
-// as c10's CPU allocator does under THP_MEM_ALLOC_ENABLE=1. Advisory only: the contents are untouched.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t nbytes = t.nbytes();
-  if (nbytes < 8 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.const_data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.const_data_ptr()) + nbytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // failure is harmless
-#else
-  (void)t;
-#endif
-}
-
 // Rows per parallel task: at least ~32K elements of work each.
 int64_t grain_rows(int64_t n_classes) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n_classes));
@@ -223,8 +203,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_losses, const at::Tensor& logits,
                         double reverse_ce_log_zero) {
   constexpr const char* op = "flood_kernels::backward";
   check_backward_inputs(op, grad_losses, logits, target, weight, lse, c10::DeviceType::CPU, /*in_place=*/false);
-  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
-  advise_huge_pages(grad);
+  at::Tensor grad = empty_gradient_cpu(logits);
   backward_into(op, grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
                 reverse_ce, reverse_ce_log_zero);
   return grad;
@@ -254,6 +233,7 @@ TORCH_LIBRARY(flood_kernels, m) {
       "backward_(Tensor grad_losses, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
       "float reverse_ce_log_zero) -> ()");
+  m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
 }
 
 TORCH_LIBRARY_IMPL(flood_kernels, CPU, m) {

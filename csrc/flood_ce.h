@@ -28,6 +28,15 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const 
                            const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                            c10::DeviceType device_type, bool in_place);
 
+// ---- CPU gradient buffers (csrc/cpu/gradient_buffers.cpp) ---------------------------------------------
+
+// An uninitialized contiguous tensor shaped and typed like `like` (a CPU tensor); large ones are recycled
+// from freed gradients, already faulted in, instead of fresh pages from the OS.
+at::Tensor empty_gradient_cpu(const at::Tensor& like);
+
+// Return every cached free block to the OS.
+void empty_cpu_cache();
+
 // ---- CPU row kernels ----------------------------------------------------------------------------------
 
 // Everything a row kernel needs, as raw pointers (64-bit strides in elements).

@@ -71,6 +71,15 @@ def resolve(backend: str, device: torch.device) -> str:
     raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors; available: {usable}")
 
 
+def empty_cpu_cache() -> None:
+    """Return the CPU gradient buffers the extension keeps for reuse to the OS (like
+    ``torch.cuda.empty_cache``). Large CPU gradients are recycled because a fresh buffer from the OS costs a
+    page fault and a zeroed page per 4 KB on first write, more than the kernel itself; at most two freed
+    blocks are kept. ``FLOOD_KERNELS_CPU_BUFFER_CACHE=0`` (read once) turns the recycling off."""
+    if _ops.EXTENSION_OPS is not None:
+        torch.ops.flood_kernels.empty_cpu_cache()
+
+
 def kernel_ops(backend: str) -> KernelOps:
     """The op triple behind a resolved kernel backend name."""
     ops = _ops.TRITON_OPS if backend == "triton" else _ops.EXTENSION_OPS
