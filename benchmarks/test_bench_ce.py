@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: fused flooded CE vs the plain PyTorch one-liner, both flood phases.
+"""pytest-benchmark suite: fused flooded CE vs the plain PyTorch one-liner, in every phase of bench.PHASES.
 
 ``pytest benchmarks/ --benchmark-only`` times forward+backward of each implementation of
 :func:`flood_kernels.bench.implementations` and records in ``extra_info`` the achieved GB/s and the % of
@@ -23,21 +23,24 @@ def copy_bandwidth() -> float:
 
 
 @pytest.mark.benchmark
-@pytest.mark.parametrize("phase", list(bench.PHASE_LEVELS))
+@pytest.mark.parametrize("phase", list(bench.PHASES))
 @pytest.mark.parametrize("n,v,dtype", SHAPES, ids=[f"{n}x{v}-{d}" for n, v, d in SHAPES])
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 def test_forward_backward(benchmark, copy_bandwidth, implementation, n, v, dtype, phase):
     torch_dtype = getattr(torch, dtype)
+    if not bench.runs_in_phase(implementation, phase):
+        pytest.skip("the forced single-read / two-pass variants only differ in the plain and iflood phases")
     if not bench._fits(n, v, torch_dtype, DEVICE):
         pytest.skip("does not fit this device")
     loss_fn = IMPLEMENTATIONS[implementation]
     x = (torch.randn(n, v) * 2).to(device=DEVICE, dtype=torch_dtype).requires_grad_(True)
     target = torch.randint(0, v, (n,), device=DEVICE)
-    level = bench.PHASE_LEVELS[phase]
+    flood, level_of_v = bench.PHASES[phase]
+    level = level_of_v(v)
 
     def step() -> None:
         x.grad = None
-        loss_fn(x, target, level).backward()
+        loss_fn(x, target, flood, level).backward()
         bench.synchronize(DEVICE)
 
     step()

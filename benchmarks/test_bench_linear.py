@@ -22,7 +22,7 @@ from flood_kernels.linear import linear_flooded_cross_entropy
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = ([(8192, 4096, v, "bfloat16") for v in (128256, 256000)] if DEVICE.type == "cuda"
           else [(512, 256, 8192, "float32")])
-LEVEL = bench.PHASE_LEVELS["descent"]
+LEVEL = bench.PHASES["descent"][1](0)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 

@@ -91,6 +91,33 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const 
   if (in_place) check_writable_rows(op, logits);
 }
 
+void check_loss_and_grad_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& flood_level,
+                                const at::Tensor& grad_scale, c10::DeviceType device_type) {
+  check_loss_inputs(op, logits, target, weight, device_type);
+  check_row_vector(op, "flood_level", flood_level, logits);
+  TORCH_CHECK(grad_scale.dim() == 0, op, ": grad_scale must be a 0-d tensor, got shape ", grad_scale.sizes());
+  TORCH_CHECK(grad_scale.scalar_type() == loss_dtype(logits.scalar_type()), op, ": grad_scale must be ",
+              loss_dtype(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ",
+              grad_scale.scalar_type());
+  TORCH_CHECK(grad_scale.device() == logits.device(), op, ": grad_scale is on ", grad_scale.device(),
+              " but logits are on ", logits.device());
+}
+
+void check_scale_grad_inputs(const char* op, const at::Tensor& grad, const at::Tensor& grad_output,
+                             c10::DeviceType device_type) {
+  TORCH_CHECK(grad.device().type() == device_type, op, ": grad must be a ", device_type, " tensor, got ",
+              grad.device());
+  TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous, got strides ", grad.strides());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point, got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad_output.dim() == 0, op, ": grad_output must be a 0-d tensor, got shape ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == loss_dtype(grad.scalar_type()), op, ": grad_output must be ",
+              loss_dtype(grad.scalar_type()), " for a ", grad.scalar_type(), " grad, got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == grad.device(), op, ": grad_output is on ", grad_output.device(),
+              " but grad is on ", grad.device());
+}
+
 namespace {
 
 // ---- CPU implementation -------------------------------------------------------------------------------
@@ -151,9 +178,23 @@ RowArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std:
   return a;
 }
 
-// Rows per parallel task: at least ~32K elements of work each.
-int64_t grain_rows(int64_t n_classes) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n_classes));
+// A gradient far larger than the last-level cache, in a buffer of its own, is written with non-temporal
+// stores: the cache lines are not read before being overwritten (in place, the logits' lines are in cache).
+bool streams_to_memory(const at::Tensor& grad, const at::Tensor& logits) {
+  constexpr size_t kLargerThanCaches = size_t{64} << 20;
+  return !grad.is_same(logits) && grad.nbytes() >= kLargerThanCaches;
+}
+
+void set_grad_output(RowArgs& a, const at::Tensor& grad, const at::Tensor& logits) {
+  a.grad = grad.mutable_data_ptr();
+  a.grad_row_stride = grad.stride(0);
+  a.stream_grad = streams_to_memory(grad, logits);
+}
+
+// The rows in parallel, at least ~32K elements of work per task.
+void run_rows(RowKernel kernel, const RowArgs& a, int64_t n_rows) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, a.n_classes));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -173,8 +214,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
                         reverse_ce_log_zero);
   a.losses = losses.mutable_data_ptr();
   a.lse_out = lse.mutable_data_ptr();
-  const RowKernel kernel = cpu_kernels().forward;
-  at::parallel_for(0, n_rows, grain_rows(a.n_classes), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  run_rows(cpu_kernels().forward, a, n_rows);
   return {losses, lse};
 }
 
@@ -187,14 +227,12 @@ void backward_into(const char* op, const at::Tensor& grad, const at::Tensor& gra
   check_targets_cpu(target, logits.size(1), ignore_index);
   RowArgs a = make_args(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
                         reverse_ce_log_zero);
-  a.grad = grad.mutable_data_ptr();
-  a.grad_row_stride = grad.stride(0);
+  set_grad_output(a, grad, logits);
   a.grad_losses = grad_losses.const_data_ptr();
   a.grad_losses_stride = grad_losses.stride(0);
   a.lse_in = lse.const_data_ptr();
   a.lse_stride = lse.stride(0);
-  const RowKernel kernel = cpu_kernels().backward;
-  at::parallel_for(0, n_rows, grain_rows(a.n_classes), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  run_rows(cpu_kernels().backward, a, n_rows);
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
@@ -207,6 +245,36 @@ at::Tensor backward_cpu(const at::Tensor& grad_losses, const at::Tensor& logits,
   backward_into(op, grad, grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
                 reverse_ce, reverse_ce_log_zero);
   return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_and_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& flood_level, const at::Tensor& grad_scale, bool flood_rows, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double reverse_ce, double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::loss_and_grad";
+  check_loss_and_grad_inputs(op, logits, target, weight, flood_level, grad_scale, c10::DeviceType::CPU);
+  const int64_t n_rows = logits.size(0);
+  at::Tensor losses = at::empty({n_rows}, logits.options().dtype(loss_dtype(logits.scalar_type())));
+  at::Tensor grad = empty_gradient_cpu(logits);
+  if (n_rows == 0) return {losses, grad};
+  check_targets_cpu(target, logits.size(1), ignore_index);
+  RowArgs a = make_args(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                        reverse_ce_log_zero);
+  a.losses = losses.mutable_data_ptr();
+  set_grad_output(a, grad, logits);
+  a.flood_level = flood_level.const_data_ptr();
+  a.flood_level_stride = flood_level.stride(0);
+  a.grad_scale = grad_scale.const_data_ptr();
+  a.flood_rows = flood_rows;
+  run_rows(cpu_kernels().loss_and_grad, a, n_rows);
+  return {losses, grad};
+}
+
+// grad *= grad_output unless grad_output is exactly 1 (the common case costs no pass over grad). Reading the
+// value is free on CPU; the CUDA and Triton versions test it on the device.
+void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_grad_inputs("flood_kernels::scale_grad_", grad, grad_output, c10::DeviceType::CPU);
+  if (grad_output.item<double>() != 1.0) grad.mul_(grad_output);
 }
 
 void backward_inplace_cpu(const at::Tensor& grad_losses, const at::Tensor& logits, const at::Tensor& target,
@@ -233,6 +301,11 @@ TORCH_LIBRARY(flood_kernels, m) {
       "backward_(Tensor grad_losses, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
       "float reverse_ce_log_zero) -> ()");
+  m.def(
+      "loss_and_grad(Tensor logits, Tensor target, Tensor? weight, Tensor flood_level, Tensor grad_scale, "
+      "bool flood_rows, int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
+      "float reverse_ce_log_zero) -> (Tensor, Tensor)");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
 }
 
@@ -240,6 +313,8 @@ TORCH_LIBRARY_IMPL(flood_kernels, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);
   m.impl("backward_", &backward_inplace_cpu);
+  m.impl("loss_and_grad", &loss_and_grad_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
 }
 
 }  // namespace flood_kernels

@@ -28,6 +28,15 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const 
                            const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                            c10::DeviceType device_type, bool in_place);
 
+// The single-read op: check_loss_inputs, plus flood_level (N,) and grad_scale () of the loss dtype.
+void check_loss_and_grad_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& flood_level,
+                                const at::Tensor& grad_scale, c10::DeviceType device_type);
+
+// scale_grad_: grad contiguous floating point on `device_type`, grad_output () of its loss dtype.
+void check_scale_grad_inputs(const char* op, const at::Tensor& grad, const at::Tensor& grad_output,
+                             c10::DeviceType device_type);
+
 // ---- CPU gradient buffers (csrc/cpu/gradient_buffers.cpp) ---------------------------------------------
 
 // An uninitialized contiguous tensor shaped and typed like `like` (a CPU tensor); large ones are recycled
@@ -46,6 +55,7 @@ struct RowArgs {
   void* lse_out = nullptr;      // forward: (N,) loss dtype, contiguous
   void* grad = nullptr;         // backward: (N, V) logits dtype (may be the logits themselves)
   int64_t grad_row_stride = 0;
+  bool stream_grad = false;     // write grad with non-temporal stores (a large buffer, not the logits)
   // inputs
   const void* logits = nullptr;  // (N, V), class stride 1
   int64_t logits_row_stride = 0;
@@ -56,6 +66,10 @@ struct RowArgs {
   int64_t grad_losses_stride = 1;
   const void* lse_in = nullptr;  // backward: (N,) loss dtype
   int64_t lse_stride = 1;
+  const void* flood_level = nullptr;  // loss_and_grad: (N,) loss dtype (stride 0 for one level)
+  int64_t flood_level_stride = 0;
+  const void* grad_scale = nullptr;   // loss_and_grad: () loss dtype, 1 / denominator or 1
+  bool flood_rows = false;            // loss_and_grad: scale row i by sgn(l_i - b_i)
   // sizes
   int64_t n_classes = 0;
   // scalar options
@@ -73,6 +87,7 @@ using RowKernel = void (*)(const RowArgs& args, int64_t row_begin, int64_t row_e
 struct CpuKernels {
   RowKernel forward = nullptr;
   RowKernel backward = nullptr;
+  RowKernel loss_and_grad = nullptr;
 };
 
 // One set per instruction set; a set that was not compiled for this platform has null members.

@@ -8,6 +8,13 @@ CUDA; the Triton backend defines them below with ``torch.library.custom_op``)::
     backward(grad_losses, logits, target, weight?, lse, <the same scalars>) -> grad_logits
     backward_(grad_losses, logits!, target, weight?, lse, <the same scalars>) -> ()   # writes into logits
 
+and the single-read pair (:mod:`flood_kernels._single_read`; the Triton backend and the extension's CPU
+kernels)::
+
+    loss_and_grad(logits, target, weight?, flood_level, grad_scale, flood_rows, <the scalars>)
+        -> (losses, grad_logits)      # grad row i = grad_scale * (sgn(l_i - b_i) if flood_rows else 1) * dl_i
+    scale_grad_(grad!, grad_output) -> ()   # grad *= grad_output unless grad_output == 1 (tested on device)
+
 ``logits`` is ``(N, V)`` with class stride 1, ``target`` int64 ``(N,)``, ``weight`` ``(V,)`` in the loss
 dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` and ``lse``
 are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. Every backend has
@@ -34,6 +41,8 @@ class KernelOps:
     forward: Callable[..., Tuple[Tensor, Tensor]]
     backward: Callable[..., Tensor]
     backward_inplace: Callable[..., None]
+    loss_and_grad: Callable[..., Tuple[Tensor, Tensor]]
+    scale_grad_: Callable[..., None]
 
 
 def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
@@ -46,8 +55,12 @@ def _fake_backward(grad_losses: Tensor, logits: Tensor, *args: Any) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _fake_backward_inplace(*args: Any) -> None:
+def _fake_returns_nothing(*args: Any) -> None:
     return None
+
+
+def _fake_loss_and_grad(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
+    return logits.new_empty(logits.shape[0], dtype=loss_dtype(logits.dtype)), _fake_backward(None, logits)
 
 
 def _writable_in_place(logits: Tensor) -> bool:
@@ -77,13 +90,18 @@ def _make_autograd(ops: KernelOps):
     return setup_context, backward
 
 
-def register(qualified_names: Tuple[str, str, str], ops: KernelOps, autograd: bool = True) -> KernelOps:
+def register(namespace_prefix: str, ops: KernelOps, autograd: bool = True) -> KernelOps:
     """Register the fakes and (unless the op brings its own, as the C++ extension does) the autograd formula
-    for one backend's op triple."""
-    forward_name, backward_name, backward_inplace_name = qualified_names
+    for one backend's ops, named ``flood_kernels::<prefix>forward`` etc."""
+    def name(op: str) -> str:
+        return f"flood_kernels::{namespace_prefix}{op}"
+
+    forward_name = name("forward")
     torch.library.register_fake(forward_name, _empty_row_outputs)
-    torch.library.register_fake(backward_name, _fake_backward)
-    torch.library.register_fake(backward_inplace_name, _fake_backward_inplace)
+    torch.library.register_fake(name("backward"), _fake_backward)
+    torch.library.register_fake(name("backward_"), _fake_returns_nothing)
+    torch.library.register_fake(name("loss_and_grad"), _fake_loss_and_grad)
+    torch.library.register_fake(name("scale_grad_"), _fake_returns_nothing)
     if autograd:
         setup_context, backward = _make_autograd(ops)
         torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
@@ -126,10 +144,23 @@ def _define_triton_ops() -> Optional[KernelOps]:
         triton_ce.backward(grad_losses, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
                            softcap, reverse_ce, reverse_ce_log_zero, logits)
 
-    return register(
-        ("flood_kernels::triton_forward", "flood_kernels::triton_backward", "flood_kernels::triton_backward_"),
-        KernelOps(triton_forward, triton_backward, triton_backward_),
-    )
+    @torch.library.custom_op("flood_kernels::triton_loss_and_grad", mutates_args=())
+    def triton_loss_and_grad(
+        logits: Tensor, target: Tensor, weight: Optional[Tensor], flood_level: Tensor, grad_scale: Tensor,
+        flood_rows: bool, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+        reverse_ce: float, reverse_ce_log_zero: float,
+    ) -> Tuple[Tensor, Tensor]:
+        losses, grad = _fake_loss_and_grad(logits)
+        triton_ce.loss_and_grad(logits, target, weight, flood_level, grad_scale, flood_rows, ignore_index,
+                                label_smoothing, z_loss, softcap, reverse_ce, reverse_ce_log_zero, losses, grad)
+        return losses, grad
+
+    @torch.library.custom_op("flood_kernels::triton_scale_grad_", mutates_args=("grad",))
+    def triton_scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+        triton_ce.scale_grad_(grad, grad_output)
+
+    return register("triton_", KernelOps(triton_forward, triton_backward, triton_backward_, triton_loss_and_grad,
+                                         triton_scale_grad_))
 
 
 def _load_extension_ops() -> Optional[KernelOps]:
@@ -139,8 +170,9 @@ def _load_extension_ops() -> Optional[KernelOps]:
         return None
     ops = torch.ops.flood_kernels
     return register(
-        ("flood_kernels::forward", "flood_kernels::backward", "flood_kernels::backward_"),
-        KernelOps(ops.forward.default, ops.backward.default, ops.backward_.default),
+        "",
+        KernelOps(ops.forward.default, ops.backward.default, ops.backward_.default, ops.loss_and_grad.default,
+                  ops.scale_grad_.default),
         autograd=False,  # csrc/flood_ce_autograd.cpp: the same formula, registered in C++
     )
 

@@ -1,9 +1,13 @@
 """Benchmark flooded cross-entropy: every backend of ours next to the plain PyTorch one-liner and peers.
 
 ``python -m flood_kernels.bench`` measures, on one device in one run, the copy bandwidth and then for each
-shape and each flood phase (``descent``: J > b; ``ascent``: J < b) the forward+backward (and optionally
-forward-only) time of each implementation, its achieved bandwidth, its fraction of the byte floor and its
-peak extra memory, and writes ``results.json``, ``results.md`` and (with matplotlib) PNG plots.
+shape and each phase the forward+backward (and optionally forward-only) time of each implementation, its
+achieved bandwidth, its fraction of the byte floor and its peak extra memory, and writes ``results.json``,
+``results.md`` and (with matplotlib) PNG plots. Phases: batch flooding while J > b (``descent``) and while
+J < b (``ascent``), plain cross-entropy (``plain``: flood=None) and iFlood with b inside the spread of the
+per-sample losses (``iflood``: about half the rows ascend). In the last two, the backends with a
+single-read path are also timed with it forced on (``,1-read``) and off (``,2-pass``): that measurement
+decides the default (flood_kernels/_single_read.py).
 
 Byte floors, for ``N x V`` logits of ``e`` bytes per element at the measured copy bandwidth ``B``:
 ``1R+1W = 2 N V e / B`` (read the logits once, write the gradient once: what a kernel that keeps a row on
@@ -26,9 +30,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import available_backends, flooded_cross_entropy
+from . import available_backends
+from ._inputs import LossOptions
+from .functional import flooded_cross_entropy_with_options
 
-PHASE_LEVELS = {"descent": 0.0, "ascent": 50.0}  # b below / above a CE of ~log(V) at random logits
+# phase -> (flood mode, flood level as a function of V). The benchmark's logits are N(0, 4): a row's loss is
+# about log(V) + 2 +- 2, so b = 0 / 50 keep batch flooding descending / ascending, and iFlood at
+# b = log(V) + 2 flips the sign of about half the rows.
+PHASES: Dict[str, Tuple[Optional[str], Callable[[int], float]]] = {
+    "descent": ("batch", lambda v: 0.0),
+    "ascent": ("batch", lambda v: 50.0),
+    "plain": (None, lambda v: 0.0),
+    "iflood": ("individual", lambda v: math.log(v) + 2.0),
+}
+SINGLE_READ_PHASES = ("plain", "iflood")
 SHAPE_SETS = {
     "smoke": [(64, 100, "float32"), (32, 257, "bfloat16")],
     "cpu": [(4096, 32000, "float32"), (1024, 32000, "bfloat16"), (256, 1000, "float32")],
@@ -97,19 +112,34 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 
 
 def _one_liner(upcast: bool) -> Callable:
-    def loss(x: torch.Tensor, target: torch.Tensor, level: float) -> torch.Tensor:
-        return (F.cross_entropy(x.float() if upcast else x, target) - level).abs() + level
+    """What users write: ``|CE - b| + b`` on the mean (batch), or per sample then the mean (iFlood)."""
+    def loss(x: torch.Tensor, target: torch.Tensor, flood: Optional[str], level: float) -> torch.Tensor:
+        logits = x.float() if upcast else x
+        if flood == "individual":
+            return ((F.cross_entropy(logits, target, reduction="none") - level).abs() + level).mean()
+        ce = F.cross_entropy(logits, target)
+        return ce if flood is None else (ce - level).abs() + level
+    return loss
+
+
+def _ours(backend: str, single_read: Optional[bool] = None) -> Callable:
+    def loss(x: torch.Tensor, target: torch.Tensor, flood: Optional[str], level: float) -> torch.Tensor:
+        return flooded_cross_entropy_with_options(x, target, LossOptions(flood=flood), level, None, backend,
+                                                  single_read=single_read)[0]
     return loss
 
 
 def implementations(device: torch.device, with_compile: bool = True) -> Dict[str, Callable]:
-    """name -> loss(x, target, level); ours per backend, the one-liners, torch.compile and installed peers."""
+    """name -> loss(x, target, flood, level); ours per backend (and per path where a backend has two), the
+    one-liners, torch.compile and installed peers."""
     impls: Dict[str, Callable] = {}
     for backend in available_backends(device):
         if backend == "reference" or (backend == "triton" and device.type == "cpu"):
             continue
-        impls[f"flood_kernels[{backend}]"] = (
-            lambda x, t, b, _backend=backend: flooded_cross_entropy(x, t, flood_level=b, backend=_backend))
+        impls[f"flood_kernels[{backend}]"] = _ours(backend)
+        if backend in ("cpu", "triton"):
+            impls[f"flood_kernels[{backend},1-read]"] = _ours(backend, single_read=True)
+            impls[f"flood_kernels[{backend},2-pass]"] = _ours(backend, single_read=False)
     impls["eager (upcast)"] = _one_liner(upcast=True)
     impls["eager"] = _one_liner(upcast=False)
     if with_compile:
@@ -120,9 +150,21 @@ def implementations(device: torch.device, with_compile: bool = True) -> Dict[str
         except ImportError as error:
             sys.stderr.write(f"liger-kernel not benchmarked: {error}\n")
         else:
-            liger = LigerCrossEntropyLoss()
-            impls["liger"] = lambda x, t, b: (liger(x, t) - b).abs() + b
+            liger_mean, liger_rows = LigerCrossEntropyLoss(), LigerCrossEntropyLoss(reduction="none")
+
+            def liger(x: torch.Tensor, target: torch.Tensor, flood: Optional[str], level: float) -> torch.Tensor:
+                if flood == "individual":
+                    return ((liger_rows(x, target) - level).abs() + level).mean()
+                ce = liger_mean(x, target)
+                return ce if flood is None else (ce - level).abs() + level
+            impls["liger"] = liger
     return impls
+
+
+def runs_in_phase(name: str, phase: str) -> bool:
+    """The forced-path variants only differ from the default where the single-read path applies."""
+    forced = name.endswith(",1-read]") or name.endswith(",2-pass]")
+    return not forced or phase in SINGLE_READ_PHASES
 
 
 def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -161,18 +203,19 @@ def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, p
     generator = torch.Generator().manual_seed(n * 7919 + v)
     x = (torch.randn(n, v, generator=generator) * 2).to(device=device, dtype=dtype)
     target = torch.randint(0, v, (n,), generator=generator).to(device)
-    level = PHASE_LEVELS[phase]
+    flood, level_of_v = PHASES[phase]
+    level = level_of_v(v)
     backward = mode in ("fwd+bwd", "graph")
     if backward:
         x.requires_grad_(True)
 
         def step() -> None:
             x.grad = None
-            loss_fn(x, target, level).backward()
+            loss_fn(x, target, flood, level).backward()
     else:
         def step() -> None:
             with torch.no_grad():
-                loss_fn(x, target, level)
+                loss_fn(x, target, flood, level)
     if mode == "graph":
         step = _captured(step, device)
     ms = time_ms(step, device, min_seconds=min_seconds)
@@ -257,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default=None, choices=sorted(SHAPE_SETS),
                         help="shape set (default: 'quick' on GPU, 'cpu' on CPU)")
-    parser.add_argument("--phases", default="descent,ascent")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     parser.add_argument("--modes", default="fwd+bwd",
                         help="comma list of fwd+bwd, fwd, graph (fwd+bwd replayed from a CUDA graph)")
     parser.add_argument("--only", default=None, help="comma list of implementation names to run")
@@ -283,9 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cells = [(shape, phase, mode) for shape in shapes for phase in args.phases.split(",")
              for mode in args.modes.split(",") if _fits(shape[0], shape[1], getattr(torch, shape[2]), device)]
     records: List[Record] = []
-    total = len(cells) * len(impls)
+    total = sum(runs_in_phase(name, phase) for _, phase, _ in cells for name in impls)
     for (n, v, dtype_name), phase, mode in cells:
         for name, fn in impls.items():
+            if not runs_in_phase(name, phase):
+                continue
             _progress(len(records), total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
             try:
                 records.append(run_case(name, fn, n, v, getattr(torch, dtype_name), phase, mode, device, bandwidth,

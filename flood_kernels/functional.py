@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import _single_read, backends, reference
 from ._flood import reduce_and_flood
 from ._inputs import FloodLevel, LossOptions, as_rows, check_flood_level, check_weight, loss_dtype
 
@@ -88,13 +88,19 @@ def flooded_cross_entropy(
 
 def flooded_cross_entropy_with_options(
     input: Tensor, target: Tensor, options: LossOptions, flood_level: FloodLevel, weight: Optional[Tensor],
-    backend: str, inplace_backward: bool = False,
+    backend: str, inplace_backward: bool = False, single_read: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """``flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
+    """``flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``.
+
+    ``single_read`` forces (True) or forbids (False) the single-read path where it applies (see
+    :mod:`flood_kernels._single_read`); None follows ``FLOOD_KERNELS_SINGLE_READ``.
+    """
     logits, flat_target, row_shape = as_rows(input, target)
     dtype = loss_dtype(logits.dtype)
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
     level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
+    if _single_read.eligible(logits, options, level, name, inplace_backward, single_read):
+        return _single_read.SingleReadCrossEntropy.apply(logits, flat_target, weight, level, options, name)
     losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape)

@@ -8,7 +8,8 @@ V = 128256, as a launch with 16-byte aligned rows would specialize it, and reads
 * the compilation must succeed;
 * no local memory (register spills or stack) in the resource usage that cuobjdump reports;
 * the PTX must load the logits with 16-byte vector loads (``ld.global.v4.b32`` / ``.v2.b64``), and the
-  backward must store the gradient with 16-byte vector stores.
+  kernels that write a gradient (backward, loss_and_grad, scale_grad) must store it with 16-byte vector
+  stores.
 
 Small vocabularies (V = 1, 10, 1000: other block sizes and warp counts, unaligned rows) must compile too.
 Prints a table (registers per thread, shared memory, load width per variant) and exits non-zero on failure.
@@ -58,14 +59,31 @@ def backward_signature(dtype: str):
             "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
 
 
+def loss_and_grad_signature(dtype: str):
+    acc = ACC.get(dtype, "fp32")
+    return {"losses_ptr": f"*{acc}", "grad_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
+            "weight_ptr": f"*{acc}", "weight_sum_ptr": f"*{acc}", "flood_level_ptr": f"*{acc}",
+            "grad_scale_ptr": f"*{acc}", "grad_row_stride": "i32", "logits_row_stride": "i32",
+            "flood_level_stride": "i32", "n_classes": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+            "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+
+
+def scale_grad_signature(dtype: str):
+    """``n_elements`` as a launch past ``2**31`` elements passes it."""
+    return {"grad_ptr": f"*{dtype}", "grad_output_ptr": f"*{ACC.get(dtype, 'fp32')}", "n_elements": "i64"}
+
+
 def compile_variant(kernel, signature, switches, dtype: str, arch: int, v: int = V):
-    """Compile one variant as a launch at ``v`` classes would specialize it; returns the compiled kernel."""
+    """Compile one variant as a launch at ``v`` classes (elements, for scale_grad) would specialize it;
+    returns the compiled kernel."""
     block, num_warps = ce._launch_config(v, DTYPES[dtype].itemsize)
-    constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, BLOCK_V=block)
+    block_name = "BLOCK_V" if "BLOCK_V" in kernel.arg_names else "BLOCK"
+    constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **{block_name: block})
     names = list(signature) + list(constexprs)
     full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    sizes = ("n_classes", "n_elements")
     aligned = [name for name, kind in signature.items()
-               if kind.startswith("*") or (v % 16 == 0 and (name.endswith("row_stride") or name == "n_classes"))]
+               if kind.startswith("*") or (v % 16 == 0 and (name.endswith("row_stride") or name in sizes))]
     src = ASTSource(
         fn=kernel,
         signature=full_signature,
@@ -93,6 +111,9 @@ def main() -> int:
         ("forward", ce._forward_kernel, forward_signature, ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")),
         ("backward", ce._backward_kernel, backward_signature,
          ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE")),
+        ("loss_and_grad", ce._loss_and_grad_kernel, loss_and_grad_signature,
+         ("FLOOD_ROWS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE")),
+        ("scale_grad", ce._scale_grad_kernel, scale_grad_signature, ()),
     ]
     failures = []
     print(f"triton {triton.__version__}; V = {V}; aligned rows; launch config from the launcher")
@@ -102,10 +123,10 @@ def main() -> int:
         for name, kernel, signature, switch_names in kernels:
             combos = list(itertools.product((False, True), repeat=len(switch_names)))
             if args.quick:
-                combos = [combos[0], combos[-1]]
+                combos = list(dict.fromkeys([combos[0], combos[-1]]))
             for dtype, combo in itertools.product(DTYPES, combos):
                 switches = dict(zip(switch_names, combo))
-                on = ",".join(n[4:].lower() for n, v in switches.items() if v) or "-"
+                on = ",".join(n.removeprefix("HAS_").lower() for n, v in switches.items() if v) or "-"
                 start = time.perf_counter()
                 try:
                     compiled = compile_variant(kernel, signature(dtype), switches, dtype, arch)
@@ -116,7 +137,7 @@ def main() -> int:
                 usage = resource_usage(compiled)
                 ptx = compiled.asm["ptx"]
                 vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
-                if name == "backward":
+                if name != "forward":
                     vector_loads &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
                 local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
                 print(f"| {name} | {dtype} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "

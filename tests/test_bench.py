@@ -17,12 +17,15 @@ def test_bench_writes_json_and_table(tmp_path, capsys):
     assert results["meta"]["copy_bandwidth_gbps"] > 0
     records = results["records"]
     implementations = {r["implementation"] for r in records}
-    expected = {"eager (upcast)", "eager"} | {f"flood_kernels[{b}]" for b in available_backends("cpu")
-                                               if b not in ("reference", "triton")}
+    ours = {f"flood_kernels[{b}]" for b in available_backends("cpu") if b not in ("reference", "triton")}
+    forced = {f"flood_kernels[cpu,{path}]" for path in ("1-read", "2-pass") if "flood_kernels[cpu]" in ours}
+    expected = {"eager (upcast)", "eager"} | ours | forced
     assert implementations == expected
     cells = {(r["n"], r["v"], r["dtype"], r["phase"], r["mode"]) for r in records}
-    assert len(cells) == len(bench.SHAPE_SETS["smoke"]) * len(bench.PHASE_LEVELS) * 2
-    assert len(records) == len(cells) * len(expected)
+    assert len(cells) == len(bench.SHAPE_SETS["smoke"]) * len(bench.PHASES) * 2
+    for cell in cells:
+        names = {r["implementation"] for r in records if (r["n"], r["v"], r["dtype"], r["phase"], r["mode"]) == cell}
+        assert names == (expected if cell[3] in bench.SINGLE_READ_PHASES else expected - forced), cell
     bandwidth = results["meta"]["copy_bandwidth_gbps"]
     for r in records:
         logits_bytes = r["n"] * r["v"] * (4 if r["dtype"] == "float32" else 2)

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import flood_kernels
+from flood_kernels._inputs import LossOptions
+from flood_kernels.functional import flooded_cross_entropy_with_options
 from helpers import assert_grad_close, random_logits, random_target, reference64
 
 pytestmark = pytest.mark.skipif("cpu" not in flood_kernels.available_backends("cpu"),
@@ -19,20 +21,23 @@ pytestmark = pytest.mark.skipif("cpu" not in flood_kernels.available_backends("c
 N, V = 1024, 8192  # 32 MB of fp32 gradient: the smallest size that is recycled
 
 
-def _grad(x, target, **kwargs):
+def _grad(x, target, single_read=None, flood="batch", flood_level=0.0, **options):
     leaf = x.clone().requires_grad_(True)
-    flood_kernels.flooded_cross_entropy(leaf, target, backend="cpu", **kwargs).backward()
+    loss, _ = flooded_cross_entropy_with_options(leaf, target, LossOptions(flood=flood, **options), flood_level,
+                                                 None, "cpu", single_read=single_read)
+    loss.backward()
     return leaf.grad
 
 
-def test_recycled_buffer_is_fully_rewritten():
+@pytest.mark.parametrize("single_read", [True, False])
+def test_recycled_buffer_is_fully_rewritten(single_read):
     flood_kernels.empty_cpu_cache()
     previous = _grad(random_logits(N, V, "cpu"), random_target(N, V, "cpu"))
     previous.fill_(float("nan"))  # poison the block that goes back to the cache
     address = previous.data_ptr()
     del previous
     x, target = random_logits(N, V, "cpu"), random_target(N, V, "cpu", ignore_fraction=0.1)
-    grad = _grad(x, target, flood_level=20.0, flood="individual", label_smoothing=0.1)
+    grad = _grad(x, target, single_read, flood_level=20.0, flood="individual", label_smoothing=0.1)
     assert grad.data_ptr() == address, "a freed gradient of the same size must be reused"
     _, _, expected = reference64(x, target, flood_level=20.0, flood="individual", label_smoothing=0.1)
     assert_grad_close(grad, expected.float(), torch.float32)
@@ -82,3 +87,14 @@ def test_environment_variable_turns_recycling_off():
     gradient_bytes = N * V * 4
     assert kept_bytes("1") >= 0.9 * gradient_bytes
     assert kept_bytes("0") < 0.25 * gradient_bytes
+
+
+@pytest.mark.parametrize("single_read", [True, False])
+def test_gradients_beyond_the_caches_are_streamed_correctly(single_read):
+    """Gradients of 64 MB and more are written with non-temporal stores where a row is vector-aligned: with
+    V = 8195 rows alternate between aligned and not."""
+    n, v = 2048, 8195
+    x, target = random_logits(n, v, "cpu"), random_target(n, v, "cpu", ignore_fraction=0.05)
+    grad = _grad(x, target, single_read, flood="individual", flood_level=8.0)
+    _, _, expected = reference64(x, target, flood="individual", flood_level=8.0)
+    assert_grad_close(grad, expected.float(), torch.float32)

@@ -3,9 +3,10 @@
 // before including this file; at::vec puts its types in the inline namespace CPU_CAPABILITY, so the builds
 // do not collide). The math mirrors flood_kernels/triton/cross_entropy.py line by line:
 //
-//   forward  (one read of the row): running max / sum-exp in chunks that stay in L1 (max pass, then exp
-//            pass over the same chunk), fp32 accumulation (fp64 for fp64 input), then the per-row loss.
-//   backward (one read + one write): grad_c = scale * (a p_c - [c == y] b - eps/V w_c) * dz/dx.
+//   forward       (one read of the row): running max / sum-exp in chunks that stay in L1 (max pass, then
+//                 exp pass over the same chunk), fp32 accumulation (fp64 for fp64 input), then the loss.
+//   backward      (one read + one write): grad_c = scale * (a p_c - [c == y] b - eps/V w_c) * dz/dx.
+//   loss_and_grad (one read + one write): both, the gradient from the exps kept by the loss pass.
 //
 // Not a standalone header: no include guard on purpose.
 
@@ -33,6 +34,22 @@ inline Vectorized<float> vexp(const Vectorized<float>& d) {
 inline Vectorized<double> vexp(const Vectorized<double>& d) {
   return d.exp();
 }
+
+// Non-temporal store of a full vector to a vector-aligned address (the line goes to memory without being
+// read first); stream_fence() orders them before the kernel returns.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kStreamingStores = true;
+inline void stream_store(float* p, const Vectorized<float>& v) { _mm512_stream_ps(p, v); }
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kStreamingStores = true;
+inline void stream_store(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr bool kStreamingStores = false;
+inline void stream_store(float* p, const Vectorized<float>& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
 
 template <typename A>
 inline A sexp(A x) {
@@ -125,36 +142,57 @@ inline A reduce_sum(const Vectorized<A>& v) {
   return s;
 }
 
-// ---- forward ------------------------------------------------------------------------------------------
+// ---- one row ------------------------------------------------------------------------------------------
 
+// The per-row math of the three kernels, with the options of one call unpacked once.
 template <typename T>
-void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
+struct RowMath {
   using A = typename AccOf<T>::type;
   using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
-  constexpr int64_t kChunk = 16384 / sizeof(A);  // 16 KB of z values: stays in L1 between the two passes
-  alignas(64) A buf[kChunk];
+  static constexpr int64_t W = Vec::size();
+  static constexpr int64_t kChunk = 16384 / sizeof(A);  // 16 KB of z values: stays in L1 between two passes
 
-  const int64_t V = args.n_classes;
-  const A neg_inf = -std::numeric_limits<A>::infinity();
-  const A nan = std::numeric_limits<A>::quiet_NaN();
-  const A softcap = static_cast<A>(args.softcap);
-  const bool has_softcap = args.softcap > 0.0;
-  const bool has_smoothing = args.label_smoothing > 0.0;
-  const A* weight = static_cast<const A*>(args.weight);
-  const bool use_buf = !std::is_same_v<T, A> || has_softcap;
-  const A eps = static_cast<A>(args.label_smoothing);
-  const A z_loss = static_cast<A>(args.z_loss);
-  const A reverse_coef = static_cast<A>(args.reverse_coef);
-  const A weight_sum = static_cast<A>(args.weight_sum);
-  A* losses = static_cast<A*>(args.losses);
-  A* lse_out = static_cast<A*>(args.lse_out);
+  const RowArgs& args;
+  const int64_t V;
+  const A softcap;
+  const bool has_softcap;
+  const bool has_smoothing;
+  const A* weight;
+  const A eps;
+  const A z_loss;
+  const A reverse_coef;
+  const A weight_sum;
+  const A smoothing_coef;
+  const A total_weight;
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const T* x = static_cast<const T*>(args.logits) + row * args.logits_row_stride;
+  explicit RowMath(const RowArgs& a)
+      : args(a),
+        V(a.n_classes),
+        softcap(static_cast<A>(a.softcap)),
+        has_softcap(a.softcap > 0.0),
+        has_smoothing(a.label_smoothing > 0.0),
+        weight(static_cast<const A*>(a.weight)),
+        eps(static_cast<A>(a.label_smoothing)),
+        z_loss(static_cast<A>(a.z_loss)),
+        reverse_coef(static_cast<A>(a.reverse_coef)),
+        weight_sum(static_cast<A>(a.weight_sum)),
+        smoothing_coef(eps / static_cast<A>(a.n_classes)),
+        total_weight((has_smoothing && weight) ? weight_sum : static_cast<A>(a.n_classes)) {}
+
+  const T* logits_row(int64_t row) const { return static_cast<const T*>(args.logits) + row * args.logits_row_stride; }
+  int64_t target_of(int64_t row) const { return args.target[row * args.target_stride]; }
+
+  // log-sum-exp of the row's (capped) logits, one read of memory: running max / sum-exp in chunks that stay
+  // in L1 (max pass, then exp pass over the same chunk). Also sum_c w_c z_c (sum_c z_c without weights).
+  // With `exps`, also keeps exp(z_c - shift_k) for every class and the shift of each chunk k, so that the
+  // gradient can be had without a second exp (write_grad_from_exps).
+  A lse_of(const T* x, A& smoothing_sum, A* exps = nullptr, A* chunk_shifts = nullptr) const {
+    alignas(64) A buf[kChunk];
+    const A neg_inf = -std::numeric_limits<A>::infinity();
+    const bool use_buf = !std::is_same_v<T, A> || has_softcap;
     A running_max = neg_inf;  // NaN once a NaN was seen
     A running_sum = A(0);     // sum_c exp(z_c - shift(running_max)), shift(-inf) = 0
-    A smoothing_sum = A(0);   // sum_c w_c z_c (sum_c z_c without weights)
+    smoothing_sum = A(0);
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t len = std::min(kChunk, V - c0);
       const int64_t full = len - len % W;
@@ -204,26 +242,42 @@ void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
       // An all -inf prefix must not produce exp(-inf - -inf) = NaN: its sum is 0 and stays 0.
       const A shift = new_max == neg_inf ? A(0) : new_max;
       if (running_max != neg_inf) running_sum *= sexp(running_max - shift);
-      // Pass 2 (from L1): sum of exp(z - shift).
+      // Pass 2 (from L1): sum of exp(z - shift), in the same order with or without keeping the exps (the
+      // loss must not depend on which kernel computed it).
       const Vec vshift(shift);
+      A* e = exps != nullptr ? exps + c0 : nullptr;
+      if (e != nullptr) chunk_shifts[c0 / kChunk] = shift;
       Vec s0(A(0)), s1(A(0));
       int64_t j = 0;
       for (; j + 2 * W <= full; j += 2 * W) {
-        s0 += vexp(Vec::loadu(z + j) - vshift);
-        s1 += vexp(Vec::loadu(z + j + W) - vshift);
+        const Vec e0 = vexp(Vec::loadu(z + j) - vshift), e1 = vexp(Vec::loadu(z + j + W) - vshift);
+        if (e != nullptr) {
+          e0.store(e + j);
+          e1.store(e + j + W);
+        }
+        s0 += e0;
+        s1 += e1;
       }
-      for (; j < full; j += W) s0 += vexp(Vec::loadu(z + j) - vshift);
+      for (; j < full; j += W) {
+        const Vec e0 = vexp(Vec::loadu(z + j) - vshift);
+        if (e != nullptr) e0.store(e + j);
+        s0 += e0;
+      }
       if (full < len) {
         const int64_t rem = len - full;
-        s1 += Vec::set(Vec(A(0)), vexp(Vec::loadu(z + full, rem) - vshift), rem);
+        const Vec e1 = Vec::set(Vec(A(0)), vexp(Vec::loadu(z + full, rem) - vshift), rem);
+        if (e != nullptr) e1.store(e + full, rem);
+        s1 += e1;
       }
       running_sum += reduce_sum(s0 + s1);
       running_max = new_max;
       if (has_smoothing) smoothing_sum += reduce_sum(vsmooth);
     }
-    const A lse = (running_max == neg_inf ? A(0) : running_max) + std::log(running_sum);
+    return (running_max == neg_inf ? A(0) : running_max) + std::log(running_sum);
+  }
 
-    const int64_t target = args.target[row * args.target_stride];
+  // l_i from the row's lse: 0 for ignore_index, NaN for a target outside [0, V).
+  A loss_of(const T* x, int64_t target, A lse, A smoothing_sum) const {
     const bool in_range = target >= 0 && target < V;
     const int64_t safe_target = in_range ? target : 0;
     A z_target = static_cast<A>(x[safe_target]);
@@ -243,99 +297,205 @@ void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
     }
     loss += z_loss * lse * lse;
     loss += reverse_coef * (A(1) - sexp(z_target - lse));
-    if (!in_range) loss = nan;
+    if (!in_range) loss = std::numeric_limits<A>::quiet_NaN();
     if (target == args.ignore_index) loss = A(0);
-    losses[row] = loss;
-    lse_out[row] = lse;
+    return loss;
+  }
+
+  // What the gradient of a row needs to know about its target, read before the row is (possibly)
+  // overwritten. d l_i / d z_c = a p_c - [c == y] b - eps/V w_c with a = prob_coef =
+  // (1 - eps) w_y + eps/V sum(w) + 2 zeta lse + rho' p_y and b = target_coef = (1 - eps) w_y + rho' p_y.
+  struct TargetTerms {
+    bool in_range;
+    A p_target, w_target, dz_target, target_coef, prob_coef;
+  };
+
+  TargetTerms target_terms(const T* x, int64_t target, A lse) const {
+    TargetTerms t;
+    t.in_range = target >= 0 && target < V;
+    const int64_t safe_target = t.in_range ? target : 0;
+    A z_target = static_cast<A>(x[safe_target]);
+    t.dz_target = A(1);
+    if (has_softcap) {
+      A th;
+      stanh_with_derivative(z_target / softcap, th, t.dz_target);
+      z_target = softcap * th;
+    }
+    t.p_target = sexp(z_target - lse);
+    t.w_target = weight ? weight[safe_target] : A(1);
+    t.target_coef = (A(1) - eps) * t.w_target + reverse_coef * t.p_target;
+    t.prob_coef = t.target_coef + smoothing_coef * total_weight + A(2) * z_loss * lse;
+    return t;
+  }
+
+  // scale * (a p_c - eps/V w_c) for the classes [col, col + count) given p_c (and dz/dx under softcap).
+  Vec scaled_grad(const Vec& p, const Vec& vprob, const Vec& vscale, int64_t col, int64_t count) const {
+    Vec grad = vprob * p;
+    if (has_smoothing) {
+      const Vec vsmooth(smoothing_coef);
+      if (weight) {
+        grad = grad - vsmooth * (count == W ? Vec::loadu(weight + col) : Vec::loadu(weight + col, count));
+      } else {
+        grad = grad - vsmooth;
+      }
+    }
+    return grad * vscale;
+  }
+
+  // Whether the row's gradient goes to memory with non-temporal stores: a large fresh buffer (no
+  // read-for-ownership of lines that are about to be overwritten anyway), fp32, vector-aligned row.
+  bool streams(const T* g) const {
+    return std::is_same_v<T, float> && kStreamingStores && args.stream_grad &&
+           reinterpret_cast<uintptr_t>(g) % sizeof(Vec) == 0;
+  }
+
+  static void store_grad(T* g, const Vec& grad, int64_t count, bool stream) {
+    if constexpr (std::is_same_v<T, A>) {
+      if (count == W) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (stream) return stream_store(g, grad);
+        }
+        grad.store(g);
+        return;
+      }
+    }
+    store_acc<T, A>(g, grad, count);
+  }
+
+  // The target's own element: its -b term, written after the vector loop.
+  void write_target(T* g, int64_t target, const TargetTerms& t, A scale) const {
+    if (!t.in_range) return;
+    A grad_target = t.prob_coef * t.p_target - t.target_coef;
+    if (has_smoothing) grad_target -= smoothing_coef * t.w_target;
+    g[target] = static_cast<T>(grad_target * t.dz_target * scale);
+  }
+
+  // g = scale * d l_i / d x (one read of x, one write of g; g may alias x): exact zeros for ignore_index,
+  // NaN for a target outside [0, V).
+  void write_grad(const T* x, T* g, int64_t target, A lse, A scale) const {
+    if (target == args.ignore_index) {
+      std::memset(static_cast<void*>(g), 0, sizeof(T) * V);  // exact zeros, whatever the logits hold
+      return;
+    }
+    const TargetTerms t = target_terms(x, target, lse);
+    if (!t.in_range) scale = std::numeric_limits<A>::quiet_NaN();
+    const Vec vlse(lse), vprob(t.prob_coef), vscale(scale);
+    auto grad_of = [&](const Vec& xv, int64_t col, int64_t count) {
+      if (!has_softcap) return scaled_grad(vexp(xv - vlse), vprob, vscale, col, count);
+      Vec th, dz;
+      vtanh_with_derivative(xv / Vec(softcap), th, dz);
+      return scaled_grad(vexp(Vec(softcap) * th - vlse), vprob, vscale, col, count) * dz;
+    };
+    const int64_t full = V - V % W;
+    const bool stream = streams(g);
+    for (int64_t j = 0; j < full; j += W) store_grad(g + j, grad_of(load_acc<T, A>(x + j), j, W), W, stream);
+    if (full < V) {
+      const int64_t rem = V - full;
+      store_grad(g + full, grad_of(load_acc<T, A>(x + full, rem), full, rem), rem, stream);
+    }
+    write_target(g, target, t, scale);
+  }
+
+  // write_grad without softcap from the exps and chunk shifts that lse_of kept: p_c = exp(z_c - shift_k) *
+  // exp(shift_k - lse), one multiply per class instead of an exp, and the logits are not read again.
+  void write_grad_from_exps(const T* x, T* g, int64_t target, A lse, A scale, const A* exps,
+                            const A* chunk_shifts) const {
+    if (target == args.ignore_index) {
+      std::memset(static_cast<void*>(g), 0, sizeof(T) * V);
+      return;
+    }
+    const TargetTerms t = target_terms(x, target, lse);
+    if (!t.in_range) scale = std::numeric_limits<A>::quiet_NaN();
+    const Vec vprob(t.prob_coef), vscale(scale);
+    const bool stream = streams(g);
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, V - c0);
+      const int64_t full = len - len % W;
+      const Vec rescale(sexp(chunk_shifts[c0 / kChunk] - lse));
+      for (int64_t j = 0; j < full; j += W) {
+        store_grad(g + c0 + j, scaled_grad(Vec::loadu(exps + c0 + j) * rescale, vprob, vscale, c0 + j, W), W,
+                   stream);
+      }
+      if (full < len) {
+        const int64_t rem = len - full;
+        store_grad(g + c0 + full,
+                   scaled_grad(Vec::loadu(exps + c0 + full, rem) * rescale, vprob, vscale, c0 + full, rem), rem,
+                   stream);
+      }
+    }
+    write_target(g, target, t, scale);
+  }
+};
+
+// ---- the three row kernels ----------------------------------------------------------------------------
+
+// forward: one read of each row; writes l_i and lse_i.
+template <typename T>
+void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
+  using A = typename AccOf<T>::type;
+  const RowMath<T> m(args);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* x = m.logits_row(row);
+    A smoothing_sum;
+    const A lse = m.lse_of(x, smoothing_sum);
+    static_cast<A*>(args.losses)[row] = m.loss_of(x, m.target_of(row), lse, smoothing_sum);
+    static_cast<A*>(args.lse_out)[row] = lse;
   }
 }
 
-// ---- backward -----------------------------------------------------------------------------------------
-
+// backward: one read + one write per row, scaled by the per-row grad_losses (grad_output, flood sign and
+// denominator folded together on device).
 template <typename T>
 void backward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
-  using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
-
-  const int64_t V = args.n_classes;
-  const A nan = std::numeric_limits<A>::quiet_NaN();
-  const A softcap = static_cast<A>(args.softcap);
-  const bool has_softcap = args.softcap > 0.0;
-  const bool has_smoothing = args.label_smoothing > 0.0;
-  const A* weight = static_cast<const A*>(args.weight);
-  const A eps = static_cast<A>(args.label_smoothing);
-  const A z_loss = static_cast<A>(args.z_loss);
-  const A reverse_coef = static_cast<A>(args.reverse_coef);
-  const A smoothing_coef = eps / static_cast<A>(V);
-  const A total_weight = (has_smoothing && weight) ? static_cast<A>(args.weight_sum) : static_cast<A>(V);
+  const RowMath<T> m(args);
   const A* grad_losses = static_cast<const A*>(args.grad_losses);
   const A* lse_in = static_cast<const A*>(args.lse_in);
-
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const T* x = static_cast<const T*>(args.logits) + row * args.logits_row_stride;
-    T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;  // may alias x (in-place)
-    const int64_t target = args.target[row * args.target_stride];
-    if (target == args.ignore_index) {
-      std::memset(static_cast<void*>(g), 0, sizeof(T) * V);  // exact zeros, whatever the logits hold
-      continue;
-    }
-    const bool in_range = target >= 0 && target < V;
-    const int64_t safe_target = in_range ? target : 0;
-    const A lse = lse_in[row * args.lse_stride];
-    const A scale = in_range ? grad_losses[row * args.grad_losses_stride] : nan;
-    // Everything about the target element is read before the row is (possibly) overwritten.
-    A z_target = static_cast<A>(x[safe_target]);
-    A dz_target = A(1);
-    if (has_softcap) {
-      A th;
-      stanh_with_derivative(z_target / softcap, th, dz_target);
-      z_target = softcap * th;
-    }
-    const A p_target = sexp(z_target - lse);
-    const A w_target = weight ? weight[safe_target] : A(1);
-    const A target_coef = (A(1) - eps) * w_target + reverse_coef * p_target;
-    const A prob_coef = target_coef + smoothing_coef * total_weight + A(2) * z_loss * lse;
+    T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
+    m.write_grad(m.logits_row(row), g, m.target_of(row), lse_in[row * args.lse_stride],
+                 grad_losses[row * args.grad_losses_stride]);
+  }
+  if (args.stream_grad) stream_fence();
+}
 
-    const Vec vlse(lse), vprob(prob_coef), vscale(scale), vsmooth(smoothing_coef);
-    auto grad_of = [&](const Vec& xv, int64_t col, int64_t count) {
-      Vec z = xv, dz;
-      if (has_softcap) {
-        Vec th;
-        vtanh_with_derivative(xv / Vec(softcap), th, dz);
-        z = Vec(softcap) * th;
-      }
-      Vec grad = vprob * vexp(z - vlse);
-      if (has_smoothing) {
-        if (weight) {
-          grad = grad - vsmooth * (count == W ? Vec::loadu(weight + col) : Vec::loadu(weight + col, count));
-        } else {
-          grad = grad - vsmooth;
-        }
-      }
-      if (has_softcap) grad = grad * dz;
-      return grad * vscale;
-    };
-    const int64_t full = V - V % W;
-    for (int64_t j = 0; j < full; j += W) {
-      const Vec grad = grad_of(load_acc<T, A>(x + j), j, W);
-      if constexpr (std::is_same_v<T, A>) {
-        grad.store(g + j);
-      } else {
-        store_acc<T, A>(g + j, grad, W);
-      }
+// loss_and_grad: the loss and the gradient of a row in one read of the logits and one exp per class,
+// scaled by sgn(l_i - b_i) (per-sample flooding) or 1, times grad_scale.
+template <typename T>
+void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
+  using A = typename AccOf<T>::type;
+  const RowMath<T> m(args);
+  const A* levels = static_cast<const A*>(args.flood_level);
+  const A grad_scale = *static_cast<const A*>(args.grad_scale);
+  // exp(z - shift) of the whole row (4 V bytes per thread: in L2 for V up to ~10^5), unless softcap, whose
+  // gradient also needs tanh' and so recomputes from the logits.
+  thread_local std::vector<A> exps;
+  thread_local std::vector<A> chunk_shifts;
+  if (!m.has_softcap) {
+    exps.resize(m.V);
+    chunk_shifts.resize((m.V + RowMath<T>::kChunk - 1) / RowMath<T>::kChunk);
+  }
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* x = m.logits_row(row);
+    const int64_t target = m.target_of(row);
+    A smoothing_sum;
+    const A lse = m.has_softcap ? m.lse_of(x, smoothing_sum) : m.lse_of(x, smoothing_sum, exps.data(),
+                                                                        chunk_shifts.data());
+    const A loss = m.loss_of(x, target, lse, smoothing_sum);
+    static_cast<A*>(args.losses)[row] = loss;
+    A sign = A(1);
+    if (args.flood_rows) {
+      const A level = levels[row * args.flood_level_stride];
+      sign = loss > level ? A(1) : loss < level ? A(-1) : loss == level ? A(0) : std::numeric_limits<A>::quiet_NaN();
     }
-    if (full < V) {
-      const int64_t rem = V - full;
-      store_acc<T, A>(g + full, grad_of(load_acc<T, A>(x + full, rem), full, rem), rem);
-    }
-    if (in_range) {
-      A grad_target = prob_coef * p_target - target_coef;
-      if (has_smoothing) grad_target -= smoothing_coef * w_target;
-      grad_target = grad_target * dz_target * scale;
-      g[target] = static_cast<T>(grad_target);
+    T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
+    if (m.has_softcap) {
+      m.write_grad(x, g, target, lse, sign * grad_scale);
+    } else {
+      m.write_grad_from_exps(x, g, target, lse, sign * grad_scale, exps.data(), chunk_shifts.data());
     }
   }
+  if (args.stream_grad) stream_fence();
 }
 
 // Calls rows(T{}) with the logits' element type T.
@@ -358,12 +518,17 @@ void backward_any(const RowArgs& args, int64_t begin, int64_t end) {
   with_logits_type(args.dtype, [&](auto tag) { backward_rows<decltype(tag)>(args, begin, end); });
 }
 
+void loss_and_grad_any(const RowArgs& args, int64_t begin, int64_t end) {
+  with_logits_type(args.dtype, [&](auto tag) { loss_and_grad_rows<decltype(tag)>(args, begin, end); });
+}
+
 }  // namespace
 
 CpuKernels kernels() {
   CpuKernels k;
   k.forward = &forward_any;
   k.backward = &backward_any;
+  k.loss_and_grad = &loss_and_grad_any;
   return k;
 }
 

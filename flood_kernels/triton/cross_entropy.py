@@ -7,9 +7,16 @@ Byte budget per call, for ``N x V`` logits of ``b`` bytes per element:
 * backward: one read of the logits and one write of the gradient (``2 N V b``). The per-row scale
   ``d loss / d l_i`` (grad_output, the flood sign and the mean denominator folded together on device) is
   read from memory inside the kernel, so neither the sign nor a GradScaler costs an extra pass.
+* loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the
+  per-row scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of
+  the logits and one write of the gradient (``2 N V b`` instead of ``3 N V b``). The gradient pass re-reads
+  the row it has just reduced, which comes from the caches (L2 for a large vocabulary), not HBM.
+* scale_grad_: multiplies a gradient in place by grad_output (``2 N V b``) unless grad_output is exactly 1,
+  which each program checks on the device: then it costs one launch and no traffic, and no host sync.
 
-One program per row; rows are addressed with 64-bit offsets, so ``N x V >= 2**31`` is safe, and the class
-loop never holds more than ``BLOCK_V`` elements, so any V works without spilling.
+The row kernels share their math (``_row_stats``: the online pass; ``_row_loss``; ``_store_row_grad``) and run
+one program per row; rows are addressed with 64-bit offsets, so ``N x V >= 2**31`` is safe, and the class loop
+never holds more than ``BLOCK_V`` elements, so any V works without spilling.
 """
 
 from __future__ import annotations
@@ -50,6 +57,130 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(
+    row_logits_ptr, weight_ptr, n_classes, softcap,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One pass over a row: ``(lse, smoothing_sum, weight_sum)`` with an online max / sum-exp, where
+    ``smoothing_sum = sum_c w_c z_c`` (``sum_c z_c`` without weights) and ``weight_sum = sum_c w_c``; the two
+    sums are only accumulated for label smoothing (the weight sum only with weights)."""
+    offsets = tl.arange(0, BLOCK_V)
+    running_max = tl.full((), float("-inf"), ACC_DTYPE)
+    running_shift = tl.zeros((), ACC_DTYPE)
+    running_sum = tl.zeros((), ACC_DTYPE)
+    smoothing_sum = tl.zeros((), ACC_DTYPE)
+    weight_sum = tl.zeros((), ACC_DTYPE)
+    for block_start in range(0, n_classes, BLOCK_V):
+        cols = block_start + offsets
+        in_row = cols < n_classes
+        x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        z = tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
+        # nor rescale its zero sum by an overflowing exp(0 - new_shift).
+        new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
+        rescaled_sum = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_shift - new_shift))
+        running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
+        running_max = new_max
+        running_shift = new_shift
+        if HAS_SMOOTHING:
+            z_in_row = tl.where(in_row, z, 0.0)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+                smoothing_sum += tl.sum(w * z_in_row, axis=0)
+                weight_sum += tl.sum(w, axis=0)
+            else:
+                smoothing_sum += tl.sum(z_in_row, axis=0)
+    lse = running_shift + tl.log(running_sum)
+    return lse, smoothing_sum, weight_sum
+
+
+@triton.jit
+def _row_loss(
+    row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+    n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The row's loss ``l_i`` from its statistics and target: NaN for an out-of-range target, 0 when ignored."""
+    in_range = (target >= 0) & (target < n_classes)
+    safe_target = tl.where(in_range, target, 0)
+    z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
+    else:
+        w_target = 1.0
+    loss = (1.0 - label_smoothing) * w_target * (lse - z_target)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            loss += label_smoothing / n_classes * (lse * weight_sum - smoothing_sum)
+        else:
+            loss += label_smoothing * (lse - smoothing_sum / n_classes)
+    loss += z_loss * lse * lse
+    loss += reverse_ce_coef * (1.0 - tl.exp(z_target - lse))
+    loss = tl.where(in_range, loss, float("nan"))
+    return tl.where(target == ignore_index, 0.0, loss)
+
+
+@triton.jit
+def _store_row_grad(
+    row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+    n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Write the row's ``scale * d l_i / d x`` (may overwrite the row's logits): exact zeros when the row is
+    ignored, NaN for an out-of-range target.
+
+    d l_i / d z_c = a p_c - [c == y] b - eps / V w_c, with
+    a = (1 - eps) w_y + eps / V sum(w) + 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y;
+    times dz/dx = 1 - tanh^2 under softcap. Only reverse CE needs the target logit."""
+    offsets = tl.arange(0, BLOCK_V)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    safe_target = tl.where(in_range, target, 0)
+    # A 32-bit class index for the loop's compares: exact in range, and an out-of-range row is all NaN anyway.
+    target_col = safe_target.to(tl.int32)
+    scale = tl.where(in_range, scale, float("nan"))
+    if HAS_WEIGHT:
+        w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
+    else:
+        w_target = 1.0
+    target_coef = (1.0 - label_smoothing) * w_target
+    if HAS_REVERSE_CE:
+        z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+        target_coef += reverse_ce_coef * tl.exp(z_target - lse)
+        # In place, the loop below overwrites the target logit: every warp must have read it first.
+        tl.debug_barrier()
+    smoothing_coef = label_smoothing / n_classes
+    if HAS_SMOOTHING and HAS_WEIGHT:
+        total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
+    else:
+        total_weight = n_classes
+    prob_coef = target_coef + smoothing_coef * total_weight + 2.0 * z_loss * lse
+
+    for block_start in range(0, n_classes, BLOCK_V):
+        cols = block_start + offsets
+        in_row = cols < n_classes
+        x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        if HAS_SOFTCAP:
+            th, capped_derivative = _tanh_with_derivative(x / softcap)
+            z = softcap * th
+        else:
+            z = x
+        grad = prob_coef * tl.exp(z - lse) - tl.where(cols == target_col, target_coef, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                grad -= smoothing_coef * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+            else:
+                grad -= smoothing_coef
+        if HAS_SOFTCAP:
+            grad = grad * capped_derivative
+        grad = tl.where(ignored, 0.0, grad * scale)
+        tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _forward_kernel(
     # outputs: per-row loss and log-sum-exp, (N,)
     losses_ptr,
@@ -76,54 +207,13 @@ def _forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
-    offsets = tl.arange(0, BLOCK_V)
-
-    running_max = tl.full((), float("-inf"), ACC_DTYPE)
-    running_shift = tl.zeros((), ACC_DTYPE)
-    running_sum = tl.zeros((), ACC_DTYPE)
-    smoothing_sum = tl.zeros((), ACC_DTYPE)  # sum_c w_c z_c (sum_c z_c without weights)
-    weight_sum = tl.zeros((), ACC_DTYPE)
-    for block_start in range(0, n_classes, BLOCK_V):
-        cols = block_start + offsets
-        in_row = cols < n_classes
-        x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        z = tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
-        # nor rescale its zero sum by an overflowing exp(0 - new_shift).
-        new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-        rescaled_sum = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_shift - new_shift))
-        running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
-        running_max = new_max
-        running_shift = new_shift
-        if HAS_SMOOTHING:
-            z_in_row = tl.where(in_row, z, 0.0)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-                smoothing_sum += tl.sum(w * z_in_row, axis=0)
-                weight_sum += tl.sum(w, axis=0)
-            else:
-                smoothing_sum += tl.sum(z_in_row, axis=0)
-    lse = running_shift + tl.log(running_sum)
-
+    lse, smoothing_sum, weight_sum = _row_stats(
+        row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     target = tl.load(target_ptr + row)
-    in_range = (target >= 0) & (target < n_classes)
-    safe_target = tl.where(in_range, target, 0)
-    z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-    if HAS_WEIGHT:
-        w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
-    else:
-        w_target = 1.0
-    loss = (1.0 - label_smoothing) * w_target * (lse - z_target)
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            loss += label_smoothing / n_classes * (lse * weight_sum - smoothing_sum)
-        else:
-            loss += label_smoothing * (lse - smoothing_sum / n_classes)
-    loss += z_loss * lse * lse
-    loss += reverse_ce_coef * (1.0 - tl.exp(z_target - lse))
-    loss = tl.where(in_range, loss, float("nan"))
-    loss = tl.where(target == ignore_index, 0.0, loss)
+    loss = _row_loss(
+        row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+        n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
     tl.store(losses_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
@@ -157,57 +247,82 @@ def _backward_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """d l_i / d z_c = a p_c - [c == y] b - eps / V w_c, with
-    a = (1 - eps) w_y + eps / V sum(w) + 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y;
-    times dz/dx = 1 - tanh^2 under softcap, times the row's scale. Only reverse CE needs the target logit."""
     row = tl.program_id(0).to(tl.int64)
-    row_logits_ptr = logits_ptr + row * logits_row_stride
-    row_grad_ptr = grad_ptr + row * grad_row_stride
-    offsets = tl.arange(0, BLOCK_V)
-
     target = tl.load(target_ptr + row)
-    ignored = target == ignore_index
-    in_range = (target >= 0) & (target < n_classes)
-    safe_target = tl.where(in_range, target, 0)
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
     scale = tl.load(grad_losses_ptr + row).to(ACC_DTYPE)
-    scale = tl.where(in_range, scale, float("nan"))
-    if HAS_WEIGHT:
-        w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
-    else:
-        w_target = 1.0
-    target_coef = (1.0 - label_smoothing) * w_target
-    if HAS_REVERSE_CE:
-        z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-        target_coef += reverse_ce_coef * tl.exp(z_target - lse)
-        # In place, the loop below overwrites the target logit: every warp must have read it first.
-        tl.debug_barrier()
-    smoothing_coef = label_smoothing / n_classes
-    if HAS_SMOOTHING and HAS_WEIGHT:
-        total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
-    else:
-        total_weight = n_classes
-    prob_coef = target_coef + smoothing_coef * total_weight + 2.0 * z_loss * lse
+    _store_row_grad(
+        grad_ptr + row * grad_row_stride, logits_ptr + row * logits_row_stride, weight_ptr, weight_sum_ptr,
+        target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
 
-    for block_start in range(0, n_classes, BLOCK_V):
-        cols = block_start + offsets
-        in_row = cols < n_classes
-        x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        if HAS_SOFTCAP:
-            th, capped_derivative = _tanh_with_derivative(x / softcap)
-            z = softcap * th
-        else:
-            z = x
-        grad = prob_coef * tl.exp(z - lse) - tl.where(cols == target, target_coef, 0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                grad -= smoothing_coef * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-            else:
-                grad -= smoothing_coef
-        if HAS_SOFTCAP:
-            grad = grad * capped_derivative
-        grad = tl.where(ignored, 0.0, grad * scale)
-        tl.store(row_grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+@triton.jit
+def _loss_and_grad_kernel(
+    # outputs: per-row loss (N,) and d loss / d logits (N, V), never aliasing the logits
+    losses_ptr,
+    grad_ptr,
+    # inputs
+    logits_ptr,  # (N, V), class stride 1
+    target_ptr,  # (N,) int64
+    weight_ptr,  # (V,) class weights (only read when HAS_WEIGHT)
+    weight_sum_ptr,  # () sum of the class weights (only read when HAS_WEIGHT and HAS_SMOOTHING)
+    flood_level_ptr,  # (N,) per-row flood levels (only read when FLOOD_ROWS)
+    grad_scale_ptr,  # () d loss / d l_i before the flood sign: grad_output / denominator
+    # strides and sizes
+    grad_row_stride,
+    logits_row_stride,
+    flood_level_stride,  # 0 for one level broadcast to every row
+    n_classes,
+    # scalar options
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reverse_ce_coef,
+    # compile-time switches
+    FLOOD_ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_REVERSE_CE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """The forward's loss and the backward's gradient in one program per row: the statistics pass reads the
+    row from memory, the gradient pass reads it again from cache."""
+    row = tl.program_id(0).to(tl.int64)
+    row_logits_ptr = logits_ptr + row * logits_row_stride
+    lse, smoothing_sum, weight_sum = _row_stats(
+        row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    target = tl.load(target_ptr + row)
+    loss = _row_loss(
+        row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+        n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
+    tl.store(losses_ptr + row, loss)
+
+    scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+    if FLOOD_ROWS:
+        # d |l - b| / d l = sgn(l - b): +1, -1, 0 at the level, NaN for a NaN loss.
+        excess = loss - tl.load(flood_level_ptr + row * flood_level_stride).to(ACC_DTYPE)
+        sign = tl.where(excess > 0.0, 1.0, tl.where(excess < 0.0, -1.0, tl.where(excess == 0.0, 0.0, float("nan"))))
+        scale = sign * scale
+    _store_row_grad(
+        grad_ptr + row * grad_row_stride, row_logits_ptr, weight_ptr, weight_sum_ptr,
+        target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
+
+
+@triton.jit
+def _scale_grad_kernel(grad_ptr, grad_output_ptr, n_elements, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``grad *= grad_output`` over one block, unless grad_output is exactly 1: then no memory is touched."""
+    scale = tl.load(grad_output_ptr).to(ACC_DTYPE)
+    if scale != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n_elements
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC_DTYPE)
+        tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_classes: int, element_size: int) -> Tuple[int, int]:
@@ -304,5 +419,72 @@ def backward(
             HAS_REVERSE_CE=reverse_ce != 0.0,
             ACC_DTYPE=_acc_dtype(logits.dtype),
             BLOCK_V=block,
+            num_warps=num_warps,
+        )
+
+
+def loss_and_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    flood_level: Optional[Tensor],
+    grad_scale: Tensor,
+    flood_rows: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reverse_ce: float,
+    reverse_ce_log_zero: float,
+    losses: Tensor,
+    grad: Tensor,
+) -> None:
+    """Write the per-row losses into ``losses`` and the gradient of ``sum_i s_i l_i`` into ``grad`` in one pass.
+
+    ``s_i = grad_scale * sgn(l_i - flood_level[i])`` when ``flood_rows`` (per-sample flooding; ``flood_level``
+    is ``(N,)``, stride 0 for one level), else ``s_i = grad_scale`` (``flood_level`` unused, may be None).
+    ``grad_scale`` is a 0-d tensor in the loss dtype (1 / denominator for a mean); ``grad`` is a new contiguous
+    ``(N, V)`` tensor of the logits' dtype. The losses are the forward's, the gradient is the backward's.
+    """
+    n_rows, n_classes = logits.shape
+    _check_targets_on_cpu(target, n_classes, ignore_index)
+    if n_rows == 0:
+        return
+    has_smoothing = label_smoothing > 0.0
+    weight_sum = weight.sum() if weight is not None and has_smoothing else grad_scale
+    block, num_warps = _launch_config(n_classes, logits.element_size())
+    with _on_device(logits):
+        _loss_and_grad_kernel[(n_rows,)](
+            losses, grad,
+            logits, target, weight if weight is not None else losses, weight_sum,
+            flood_level if flood_rows else losses, grad_scale,
+            grad.stride(0), logits.stride(0), flood_level.stride(0) if flood_rows else 0, n_classes,
+            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            FLOOD_ROWS=flood_rows,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=has_smoothing,
+            HAS_SOFTCAP=softcap > 0.0,
+            HAS_REVERSE_CE=reverse_ce != 0.0,
+            ACC_DTYPE=_acc_dtype(logits.dtype),
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
+
+
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    """Multiply the contiguous ``grad`` in place by the 0-d ``grad_output`` (loss dtype), unless it is exactly 1.
+
+    The check happens on the device, in every program, so there is no host synchronization; at 1 the kernel
+    reads one scalar per program and neither reads nor writes ``grad``.
+    """
+    n_elements = grad.numel()
+    if n_elements == 0:
+        return
+    block, num_warps = _launch_config(n_elements, grad.element_size())
+    with _on_device(grad):
+        _scale_grad_kernel[(triton.cdiv(n_elements, block),)](
+            grad, grad_output, n_elements,
+            ACC_DTYPE=_acc_dtype(grad.dtype),
+            BLOCK=block,
             num_warps=num_warps,
         )
