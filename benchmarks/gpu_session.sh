@@ -4,10 +4,13 @@
 #   stage "test":  build the extension with its CUDA kernels against the machine's torch (offline), the
 #                  whole test suite (Triton and CUDA backends on real CUDA tensors), compute-sanitizer
 #                  memcheck over the CUDA backend's kernel tests;
-#   stage "bench": build (kept while the machine stays warm), then the benchmark at the issue shapes
-#                  (copy bandwidth, every backend vs the one-liners and installed peers; JSON, markdown,
-#                  plots) and the classification shapes with CUDA-graph replay.
-# Usage (device tool): bash benchmarks/gpu_session.sh test|bench|all [shape set, default issue2]
+#   stage "bench": build (kept while the machine stays warm), then the benchmark at the issue shapes in the
+#                  batch-flooding phases (copy bandwidth, every backend vs the one-liners and installed
+#                  peers; JSON, markdown, plots) and the classification shapes with CUDA-graph replay;
+#   stage "bench1r": the plain and iFlood phases at the issue shapes, where the single-read path and the
+#                  two-pass path of each backend are timed side by side (the measurement that decides
+#                  flood_kernels/_single_read.py's default on GPU).
+# Usage (device tool): bash benchmarks/gpu_session.sh test|bench|bench1r|all [shape set, default issue2]
 # (with carry [".whl"] after benchmarks/fetch_peer_wheels.sh, the peers are benchmarked too)
 set -uo pipefail
 OUT="${OUT:-gpu_out}"
@@ -33,16 +36,23 @@ if [ "$stage" = test ] || [ "$stage" = all ]; then
     python3 -m pytest -q -x tests/ 2>&1 | tee "$OUT/tests.log" | tail -5
     if command -v compute-sanitizer >/dev/null 2>&1; then
         compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels.py \
-            -k "cuda-cuda" > "$OUT/memcheck.log" 2>&1
+            tests/test_single_read.py -k "cuda-cuda" > "$OUT/memcheck.log" 2>&1
         echo "memcheck exit code: $? (0 = no errors)" | tee -a "$OUT/gpu.txt"
         tail -3 "$OUT/memcheck.log"
     fi
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
-    python3 -m flood_kernels.bench --shapes "$shapes" --out "$OUT/bench" 2> /dev/null | tail -40
+    python3 -m flood_kernels.bench --shapes "$shapes" --phases descent,ascent --out "$OUT/bench" 2> /dev/null \
+        | tail -40
     (cd "$OUT/bench" && tar -cf plots.tar ./*.png && rm -f ./*.png) 2>/dev/null  # one file for the plots
     # Classification shapes are launch-bound: eager calls and CUDA-graph replays side by side.
-    python3 -m flood_kernels.bench --shapes classification --modes fwd+bwd,graph --out "$OUT/cls" 2> /dev/null \
+    python3 -m flood_kernels.bench --shapes classification --phases descent,plain --modes fwd+bwd,graph \
+        --out "$OUT/cls" 2> /dev/null \
         | tail -40
     rm -f "$OUT"/cls/*.png
+fi
+if [ "$stage" = bench1r ] || [ "$stage" = all ]; then
+    python3 -m flood_kernels.bench --shapes "$shapes" --phases plain,iflood --out "$OUT/bench1r" 2> /dev/null \
+        | tail -60
+    (cd "$OUT/bench1r" && tar -cf plots.tar ./*.png && rm -f ./*.png) 2>/dev/null
 fi

@@ -54,7 +54,7 @@ def eligible(logits: Tensor, options: LossOptions, level: Tensor, backend: str, 
     if single_read is None:
         policy = _policy()
         single_read = policy == "1" or (policy == "auto" and backend in _FASTER_BY_MEASUREMENT)
-    return (single_read and backend in ("cpu", "triton") and options.flood != "batch"
+    return (single_read and backends.has_single_read(backend) and options.flood != "batch"
             and options.reduction != "none" and not inplace_backward and logits.dtype != torch.float16
             and torch.is_grad_enabled() and logits.requires_grad and not level.requires_grad)
 

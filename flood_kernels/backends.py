@@ -27,15 +27,21 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _extension_device_types() -> frozenset:
-    """Device types the built extension has kernels for (read once: the query cannot be traced)."""
+def _extension_device_types(op: str) -> frozenset:
+    """Device types the built extension has kernels of ``op`` for (read once: the query cannot be traced)."""
     if _ops.EXTENSION_OPS is None:
         return frozenset()
     return frozenset(device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                     if torch._C._dispatch_has_kernel_for_dispatch_key("flood_kernels::forward", key))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"flood_kernels::{op}", key))
 
 
-_EXTENSION_DEVICE_TYPES = _extension_device_types()
+_EXTENSION_DEVICE_TYPES = _extension_device_types("forward")
+_EXTENSION_SINGLE_READ_DEVICE_TYPES = _extension_device_types("loss_and_grad")
+
+
+def has_single_read(backend: str) -> bool:
+    """Whether a resolved kernel backend has the single-read ops (``loss_and_grad``, ``scale_grad_``)."""
+    return backend == "triton" or backend in _EXTENSION_SINGLE_READ_DEVICE_TYPES
 
 
 def available_backends(device: Union[str, torch.device]) -> List[str]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import available_backends
 from ._inputs import LossOptions
+from .backends import has_single_read
 from .functional import flooded_cross_entropy_with_options
 
 # phase -> (flood mode, flood level as a function of V). The benchmark's logits are N(0, 4): a row's loss is
@@ -137,7 +138,7 @@ def implementations(device: torch.device, with_compile: bool = True) -> Dict[str
         if backend == "reference" or (backend == "triton" and device.type == "cpu"):
             continue
         impls[f"flood_kernels[{backend}]"] = _ours(backend)
-        if backend in ("cpu", "triton"):
+        if has_single_read(backend):
             impls[f"flood_kernels[{backend},1-read]"] = _ours(backend, single_read=True)
             impls[f"flood_kernels[{backend},2-pass]"] = _ours(backend, single_read=False)
     impls["eager (upcast)"] = _one_liner(upcast=True)

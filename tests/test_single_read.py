@@ -13,7 +13,7 @@ from flood_kernels.functional import flooded_cross_entropy_with_options
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, materialize, random_logits,
                      random_target, reference64)
 
-CASES = [case for case in KERNEL_CASES if case.values[1] in ("cpu", "triton")]
+CASES = [case for case in KERNEL_CASES if backends.has_single_read(case.values[1])]
 pytestmark = pytest.mark.skipif(not CASES, reason="no backend with a single-read path usable here")
 MODES = [(None, "mean"), (None, "sum"), ("individual", "mean"), ("individual", "sum")]
 
@@ -170,7 +170,8 @@ def test_environment_policy(monkeypatch):
     assert not _single_read.eligible(leaf, options, level, "triton", False)  # not measured faster yet
     monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "1")
     assert _single_read.eligible(leaf, options, level, "triton", False)
-    assert not _single_read.eligible(leaf, options, level, "cuda", False)  # no such kernel
+    assert _single_read.eligible(leaf, options, level, "cuda", False) == backends.has_single_read("cuda")
+    assert not _single_read.eligible(leaf, options, level, "reference", False)
     monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "0")
     assert not _single_read.eligible(leaf, options, level, "cpu", False)
     monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "yes")
