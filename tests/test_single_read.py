@@ -246,3 +246,18 @@ def test_masked_classes_and_infinite_logits(device, backend):
     _, _, grad2 = run(x, target, False, backend, **kwargs)
     assert torch.isnan(grad[3]).all() and torch.isfinite(grad[:3]).all()
     torch.testing.assert_close(grad, grad2, equal_nan=True, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("v", [1, 2, 4097, 8195, 300000])
+def test_vocabulary_sizes(device, backend, v):
+    """V = 1, just past one and two blocks / chunks, and past the CPU kernel's kept-exps limit (2**18)."""
+    n = 3
+    for dtype in (torch.float32, torch.bfloat16):
+        x = random_logits(n, v, device, dtype=dtype)
+        target = random_target(n, v, device)
+        kwargs = dict(flood="individual", flood_level=4.0, label_smoothing=0.1)
+        loss, _, grad = run(x, target, True, backend, **kwargs)
+        ref_loss, _, ref_grad = reference64(x, target, **kwargs)
+        assert_loss_close(loss, ref_loss)
+        assert_grad_close(grad, ref_grad.to(dtype), dtype)

@@ -467,11 +467,14 @@ void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end)
   const RowMath<T> m(args);
   const A* levels = static_cast<const A*>(args.flood_level);
   const A grad_scale = *static_cast<const A*>(args.grad_scale);
-  // exp(z - shift) of the whole row (4 V bytes per thread: in L2 for V up to ~10^5), unless softcap, whose
-  // gradient also needs tanh' and so recomputes from the logits.
+  // exp(z - shift) of the whole row (sizeof(A) V bytes per thread, in L2 for V up to ~10^5; kept by the
+  // thread for the next call), unless softcap, whose gradient also needs tanh' and so recomputes from the
+  // logits, or V beyond kMaxKeptExps, where a per-thread buffer would cost more memory than it saves time.
+  constexpr int64_t kMaxKeptExps = int64_t{1} << 18;
+  const bool keep_exps = !m.has_softcap && m.V <= kMaxKeptExps;
   thread_local std::vector<A> exps;
   thread_local std::vector<A> chunk_shifts;
-  if (!m.has_softcap) {
+  if (keep_exps) {
     exps.resize(m.V);
     chunk_shifts.resize((m.V + RowMath<T>::kChunk - 1) / RowMath<T>::kChunk);
   }
@@ -479,8 +482,8 @@ void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end)
     const T* x = m.logits_row(row);
     const int64_t target = m.target_of(row);
     A smoothing_sum;
-    const A lse = m.has_softcap ? m.lse_of(x, smoothing_sum) : m.lse_of(x, smoothing_sum, exps.data(),
-                                                                        chunk_shifts.data());
+    const A lse = keep_exps ? m.lse_of(x, smoothing_sum, exps.data(), chunk_shifts.data())
+                            : m.lse_of(x, smoothing_sum);
     const A loss = m.loss_of(x, target, lse, smoothing_sum);
     static_cast<A*>(args.losses)[row] = loss;
     A sign = A(1);
@@ -489,10 +492,10 @@ void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end)
       sign = loss > level ? A(1) : loss < level ? A(-1) : loss == level ? A(0) : std::numeric_limits<A>::quiet_NaN();
     }
     T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
-    if (m.has_softcap) {
-      m.write_grad(x, g, target, lse, sign * grad_scale);
-    } else {
+    if (keep_exps) {
       m.write_grad_from_exps(x, g, target, lse, sign * grad_scale, exps.data(), chunk_shifts.data());
+    } else {
+      m.write_grad(x, g, target, lse, sign * grad_scale);
     }
   }
   if (args.stream_grad) stream_fence();
