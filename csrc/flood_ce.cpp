@@ -109,8 +109,9 @@ void check_scale_grad_inputs(const char* op, const at::Tensor& grad, const at::T
   TORCH_CHECK(grad.device().type() == device_type, op, ": grad must be a ", device_type, " tensor, got ",
               grad.device());
   TORCH_CHECK(grad.is_contiguous(), op, ": grad must be contiguous, got strides ", grad.strides());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point, got ",
-              grad.scalar_type());
+  const auto dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": grad must be float32, float16, bfloat16 or float64, got ", dtype);
   TORCH_CHECK(grad_output.dim() == 0, op, ": grad_output must be a 0-d tensor, got shape ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == loss_dtype(grad.scalar_type()), op, ": grad_output must be ",
               loss_dtype(grad.scalar_type()), " for a ", grad.scalar_type(), " grad, got ", grad_output.scalar_type());

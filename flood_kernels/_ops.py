@@ -8,8 +8,7 @@ CUDA; the Triton backend defines them below with ``torch.library.custom_op``)::
     backward(grad_losses, logits, target, weight?, lse, <the same scalars>) -> grad_logits
     backward_(grad_losses, logits!, target, weight?, lse, <the same scalars>) -> ()   # writes into logits
 
-and the single-read pair (:mod:`flood_kernels._single_read`; the Triton backend and the extension's CPU
-kernels)::
+and the single-read pair (:mod:`flood_kernels._single_read`)::
 
     loss_and_grad(logits, target, weight?, flood_level, grad_scale, flood_rows, <the scalars>)
         -> (losses, grad_logits)      # grad row i = grad_scale * (sgn(l_i - b_i) if flood_rows else 1) * dl_i

@@ -488,8 +488,13 @@ void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end)
     static_cast<A*>(args.losses)[row] = loss;
     A sign = A(1);
     if (args.flood_rows) {
-      const A level = levels[row * args.flood_level_stride];
-      sign = loss > level ? A(1) : loss < level ? A(-1) : loss == level ? A(0) : std::numeric_limits<A>::quiet_NaN();
+      // The sign of the difference (as the Triton and CUDA kernels): +1, -1, 0, and NaN for a NaN loss or
+      // an infinite loss at an infinite level.
+      const A excess = loss - levels[row * args.flood_level_stride];
+      sign = excess > A(0)    ? A(1)
+             : excess < A(0)  ? A(-1)
+             : excess == A(0) ? A(0)
+                              : std::numeric_limits<A>::quiet_NaN();
     }
     T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
     if (keep_exps) {

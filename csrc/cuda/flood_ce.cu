@@ -1,6 +1,10 @@
 // CUDA kernels of flood_kernels._C (TORCH_LIBRARY_IMPL CUDA): the per-row fused cross-entropy forward
-// (one read of the logits) and backward (one read + one write), mirroring csrc/cpu/flood_ce_kernel.h and
-// flood_kernels/triton/cross_entropy.py.
+// (one read of the logits), backward (one read + one write) and loss_and_grad (both in one kernel: the
+// statistics pass reads the row from memory, the gradient pass re-reads it from L2, one write), and scale_grad_
+// (grad *= grad_output unless it is 1, tested on the device), mirroring csrc/cpu/flood_ce_kernel.h and
+// flood_kernels/triton/cross_entropy.py. The three row kernels share their device code: row_partials +
+// warp_reduce / store_warp_totals / reduce_warp_totals + lse_of + row_loss (the statistics and l_i) and
+// grad_row (the gradient).
 //
 // Layout: a warp per row when V <= 1024 (kWarpRows rows per block), otherwise a block per row. Each thread
 // streams its part of the row with 16-byte vector loads (after a scalar head that aligns the row; scalar tail),
@@ -19,6 +23,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -95,9 +100,9 @@ __device__ __forceinline__ int64_t head_elements(const void* p, int64_t n) {
 
 struct KernelParams {
   // outputs
-  void* losses;       // forward (N,)
+  void* losses;       // forward, loss_and_grad (N,)
   void* lse_out;      // forward (N,)
-  void* grad;         // backward (N, V), may alias logits
+  void* grad;         // backward (N, V), may alias logits; loss_and_grad (N, V) contiguous, a new tensor
   int64_t grad_row_stride;
   // inputs
   const void* logits;
@@ -119,6 +124,11 @@ struct KernelParams {
   double z_loss;
   double softcap;
   double reverse_coef;
+  // loss_and_grad (last, so that the fields above keep their offsets)
+  const void* flood_level;     // (N,) loss dtype, stride flood_level_stride (0: one level); only read if flood_rows
+  int64_t flood_level_stride;
+  const void* grad_scale;      // () loss dtype, device scalar: 1 / denominator (times grad_output) or 1
+  bool flood_rows;             // scale row i by sgn(l_i - flood_level[i]) as well
 };
 
 // ---- online log-sum-exp state -------------------------------------------------------------------------
@@ -163,24 +173,15 @@ __device__ __forceinline__ void warp_reduce(MaxSum<A>& st, A& smooth) {
   }
 }
 
-// ---- forward ------------------------------------------------------------------------------------------
+// ---- row statistics (the forward's pass; also the first pass of loss_and_grad) -------------------------
 
-template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
-__device__ __forceinline__ void forward_row(const KernelParams& p) {
-  using A = typename AccOf<T>::type;
+// Adds this thread's part of the row to its statistics (st = {-inf, 0} and smooth = 0 to start): the online
+// (max, sum-exp) of the (capped) logits and, with SMOOTHING, sum_c w_c z_c (sum_c z_c without weights), over the
+// classes tid, tid + nthreads, ... (16-byte packs after the scalar head that aligns x, then a scalar tail).
+template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
+__device__ __forceinline__ void row_partials(const T* x, const A* weight, int64_t V, A softcap, int tid, int nthreads,
+                                             MaxSum<A>& st, A& smooth) {
   constexpr int kVec = Pack<T>::kSize;
-  const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
-                                    : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (!BLOCK_PER_ROW && row >= p.n_rows) return;  // whole warps leave; no block-wide sync in this layout
-  const int tid = threadIdx.x;
-  const int nthreads = blockDim.x;
-  const int64_t V = p.n_classes;
-  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  const A* weight = static_cast<const A*>(p.weight);
-  const A softcap = static_cast<A>(p.softcap);
-
-  MaxSum<A> st{neg_inf<A>(), A(0)};
-  A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
   auto smooth_add = [&](A z, int64_t col) {
     if constexpr (SMOOTHING) smooth += weight ? weight[col] * z : z;
   };
@@ -220,30 +221,64 @@ __device__ __forceinline__ void forward_row(const KernelParams& p) {
     add_values(st, &z, 1);
     smooth_add(z, c);
   }
+}
 
-  warp_reduce(st, smooth);
-  if constexpr (BLOCK_PER_ROW) {
-    __shared__ A shared_m[kWarp];
-    __shared__ A shared_s[kWarp];
-    __shared__ A shared_smooth[kWarp];
-    const int warp = tid / kWarp;
-    const int lane = tid % kWarp;
-    const int n_warps = (nthreads + kWarp - 1) / kWarp;
-    if (lane == 0) {
-      shared_m[warp] = st.m;
-      shared_s[warp] = st.s;
-      shared_smooth[warp] = smooth;
-    }
-    __syncthreads();
-    if (warp != 0) return;
-    st = lane < n_warps ? MaxSum<A>{shared_m[lane], shared_s[lane]} : MaxSum<A>{neg_inf<A>(), A(0)};
-    smooth = lane < n_warps ? shared_smooth[lane] : A(0);
-    warp_reduce(st, smooth);
+// Block layout: the warps' totals in shared memory (three __shared__ arrays of kWarp). Each kernel's row body
+// (the Body tag) gets arrays of its own, as if they were declared in it (so the forward kernels compile as they
+// did before loss_and_grad shared this code).
+template <typename A>
+struct WarpTotals {
+  A* m;
+  A* s;
+  A* smooth;
+};
+template <int BODY, typename T, bool SOFTCAP, bool SMOOTHING>
+struct RowBody {};
+constexpr int kForwardBody = 0;
+constexpr int kLossAndGradBody = 1;
+
+template <typename Body, typename A>
+__device__ __forceinline__ WarpTotals<A> warp_totals() {
+  __shared__ A shared_m[kWarp];
+  __shared__ A shared_s[kWarp];
+  __shared__ A shared_smooth[kWarp];
+  return {shared_m, shared_s, shared_smooth};
+}
+
+// Block layout, every thread of the block: lane 0 of each warp stores its warp's totals (after warp_reduce), then
+// the block-wide barrier. warp = tid / kWarp, lane = tid % kWarp.
+template <typename A>
+__device__ __forceinline__ void store_warp_totals(const WarpTotals<A>& totals, const MaxSum<A>& st, A smooth,
+                                                  int warp, int lane) {
+  if (lane == 0) {
+    totals.m[warp] = st.m;
+    totals.s[warp] = st.s;
+    totals.smooth[warp] = smooth;
   }
-  if (tid != 0) return;
+  __syncthreads();
+}
 
-  const A lse = (st.m == neg_inf<A>() ? A(0) : st.m) + dlog(st.s);
-  const int64_t target = p.target[row * p.target_stride];
+// Block layout, the whole of warp 0 only (after store_warp_totals): the row's totals from the n_warps warps' ones,
+// in every lane of warp 0.
+template <typename A>
+__device__ __forceinline__ void reduce_warp_totals(const WarpTotals<A>& totals, MaxSum<A>& st, A& smooth, int lane,
+                                                   int n_warps) {
+  st = lane < n_warps ? MaxSum<A>{totals.m[lane], totals.s[lane]} : MaxSum<A>{neg_inf<A>(), A(0)};
+  smooth = lane < n_warps ? totals.smooth[lane] : A(0);
+  warp_reduce(st, smooth);
+}
+
+// The row's log-sum-exp from its (max, sum-exp) totals.
+template <typename A>
+__device__ __forceinline__ A lse_of(const MaxSum<A>& st) {
+  return (st.m == neg_inf<A>() ? A(0) : st.m) + dlog(st.s);
+}
+
+// l_i from the row's lse and smoothing sum (one thread): 0 for ignore_index, NaN for a target outside [0, V).
+// weight, V and softcap are p's, unpacked by the caller.
+template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
+__device__ __forceinline__ A row_loss(const KernelParams& p, const T* x, const A* weight, int64_t V, A softcap,
+                                      int64_t target, A lse, A smooth) {
   const bool in_range = target >= 0 && target < V;
   const int64_t safe_target = in_range ? target : 0;
   const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
@@ -262,26 +297,24 @@ __device__ __forceinline__ void forward_row(const KernelParams& p) {
   loss += static_cast<A>(p.reverse_coef) * (A(1) - dexp(z_target - lse));
   if (!in_range) loss = std::numeric_limits<A>::quiet_NaN();
   if (target == p.ignore_index) loss = A(0);
-  static_cast<A*>(p.losses)[row] = loss;
-  static_cast<A*>(p.lse_out)[row] = lse;
+  return loss;
 }
 
-// ---- backward -----------------------------------------------------------------------------------------
+// ---- row gradient (the backward's pass; also the second pass of loss_and_grad) -------------------------
 
-template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
-__device__ __forceinline__ void backward_row(const KernelParams& p) {
+// Writes the row's scale * d l_i / d x into g (may alias x: each element is read, then written by the same
+// thread): exact zeros for ignore_index, NaN for a target outside [0, V). lse and scale are only asked for
+// (load_lse(), load_scale()) by rows that need them: not by ignored rows, and scale not by out-of-range ones.
+// Holds a __syncthreads (block layout) / __syncwarp (warp layout) that every thread of the row reaches unless
+// the row is ignored (then the whole row returns early: target is the same for all its threads).
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW, typename LoadLse, typename LoadScale>
+__device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g, int64_t target, LoadLse load_lse,
+                                         LoadScale load_scale) {
   using A = typename AccOf<T>::type;
   constexpr int kVec = Pack<T>::kSize;
-  const int64_t row = BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x)
-                                    : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= p.n_rows) return;
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const int64_t V = p.n_classes;
-  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;  // may alias x: each element is read, then written
-                                                               // by the same thread
-  const int64_t target = p.target[row * p.target_stride];
   const int64_t head = head_elements<T>(g, V);
   const bool vectorize = head_elements<T>(x, V) == head;  // same misalignment: vectorize both sides
   const int64_t n_vec = vectorize ? (V - head) / kVec : 0;
@@ -304,9 +337,8 @@ __device__ __forceinline__ void backward_row(const KernelParams& p) {
   const A eps = static_cast<A>(p.label_smoothing);
   const bool in_range = target >= 0 && target < V;
   const int64_t safe_target = in_range ? target : 0;
-  const A lse = static_cast<const A*>(p.lse_in)[row * p.lse_stride];
-  const A scale =
-      in_range ? static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride] : std::numeric_limits<A>::quiet_NaN();
+  const A lse = load_lse();
+  const A scale = in_range ? load_scale() : std::numeric_limits<A>::quiet_NaN();
   // Read by every thread before any thread of this row writes (the __syncthreads below): in place, the
   // target's logit is overwritten by whichever thread owns it.
   const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
@@ -365,6 +397,129 @@ __device__ __forceinline__ void backward_row(const KernelParams& p) {
   for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
 }
 
+// ---- the three row bodies -----------------------------------------------------------------------------
+
+// The row of this thread: blockIdx.x (block layout), or threadIdx.y of the block's kWarpRows (warp layout).
+template <bool BLOCK_PER_ROW>
+__device__ __forceinline__ int64_t row_index() {
+  return BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+}
+
+// forward: l_i and lse_i (one read of the row).
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
+__device__ __forceinline__ void forward_row(const KernelParams& p) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = row_index<BLOCK_PER_ROW>();
+  if (!BLOCK_PER_ROW && row >= p.n_rows) return;  // whole warps leave; no block-wide sync in this layout
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t V = p.n_classes;
+  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  const A* weight = static_cast<const A*>(p.weight);
+  const A softcap = static_cast<A>(p.softcap);
+
+  MaxSum<A> st{neg_inf<A>(), A(0)};
+  A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
+  row_partials<T, SOFTCAP, SMOOTHING>(x, weight, V, softcap, tid, nthreads, st, smooth);
+  warp_reduce(st, smooth);
+  if constexpr (BLOCK_PER_ROW) {
+    const WarpTotals<A> totals = warp_totals<RowBody<kForwardBody, T, SOFTCAP, SMOOTHING>, A>();
+    const int warp = tid / kWarp;
+    const int lane = tid % kWarp;
+    const int n_warps = (nthreads + kWarp - 1) / kWarp;
+    store_warp_totals(totals, st, smooth, warp, lane);
+    if (warp != 0) return;
+    reduce_warp_totals(totals, st, smooth, lane, n_warps);
+  }
+  if (tid != 0) return;
+
+  const A lse = lse_of(st);
+  const int64_t target = p.target[row * p.target_stride];
+  static_cast<A*>(p.losses)[row] = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
+  static_cast<A*>(p.lse_out)[row] = lse;
+}
+
+// backward: the gradient scaled by grad_losses[i], from the forward's lse (one read + one write of the row).
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
+__device__ __forceinline__ void backward_row(const KernelParams& p) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = row_index<BLOCK_PER_ROW>();
+  if (row >= p.n_rows) return;
+  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;
+  const int64_t target = p.target[row * p.target_stride];
+  grad_row<T, SOFTCAP, SMOOTHING, BLOCK_PER_ROW>(
+      p, x, g, target, [&] { return static_cast<const A*>(p.lse_in)[row * p.lse_stride]; },
+      [&] { return static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride]; });
+}
+
+// loss_and_grad: the forward's l_i (written to losses) and the backward's gradient with grad_losses[i] = s_i =
+// grad_scale * (flood_rows ? sgn(l_i - flood_level[i]) : 1), in one kernel: the statistics pass reads the row
+// from memory, the gradient pass reads it again (from L2). grad is a fresh buffer (never the logits).
+template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
+__device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
+  using A = typename AccOf<T>::type;
+  const int64_t row = row_index<BLOCK_PER_ROW>();
+  if (!BLOCK_PER_ROW && row >= p.n_rows) return;  // whole warps leave; no block-wide sync in this layout
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t V = p.n_classes;
+  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
+  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;
+  const A* weight = static_cast<const A*>(p.weight);
+  const A softcap = static_cast<A>(p.softcap);
+  const int64_t target = p.target[row * p.target_stride];
+
+  MaxSum<A> st{neg_inf<A>(), A(0)};
+  A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
+  row_partials<T, SOFTCAP, SMOOTHING>(x, weight, V, softcap, tid, nthreads, st, smooth);
+  warp_reduce(st, smooth);
+  if constexpr (BLOCK_PER_ROW) {
+    const WarpTotals<A> totals = warp_totals<RowBody<kLossAndGradBody, T, SOFTCAP, SMOOTHING>, A>();
+    const int warp = tid / kWarp;
+    const int lane = tid % kWarp;
+    const int n_warps = (nthreads + kWarp - 1) / kWarp;
+    store_warp_totals(totals, st, smooth, warp, lane);  // every thread: holds the barrier
+    if (warp == 0) reduce_warp_totals(totals, st, smooth, lane, n_warps);
+  }
+  // Thread 0 (lane 0 of the row's warp; of warp 0 in the block layout) now holds the row's totals.
+
+  // Thread 0: lse, l_i (written out) and the row's scale s_i; then every thread of the row gets lse and s_i.
+  A lse = A(0);
+  A scale = A(0);
+  if (tid == 0) {
+    lse = lse_of(st);
+    const A loss = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
+    static_cast<A*>(p.losses)[row] = loss;
+    scale = *static_cast<const A*>(p.grad_scale);
+    if (p.flood_rows) {
+      // d |l - b| / d l = sgn(l - b): +1, -1, 0 at the level, NaN for a NaN difference (as the Triton kernel).
+      const A excess = loss - static_cast<const A*>(p.flood_level)[row * p.flood_level_stride];
+      const A sign = excess > A(0)    ? A(1)
+                     : excess < A(0)  ? A(-1)
+                     : excess == A(0) ? A(0)
+                                      : std::numeric_limits<A>::quiet_NaN();
+      scale = sign * scale;
+    }
+  }
+  if constexpr (BLOCK_PER_ROW) {
+    __shared__ A shared_lse;
+    __shared__ A shared_scale;
+    if (tid == 0) {
+      shared_lse = lse;
+      shared_scale = scale;
+    }
+    __syncthreads();
+    lse = shared_lse;
+    scale = shared_scale;
+  } else {
+    lse = __shfl_sync(0xffffffffu, lse, 0);
+    scale = __shfl_sync(0xffffffffu, scale, 0);
+  }
+
+  grad_row<T, SOFTCAP, SMOOTHING, BLOCK_PER_ROW>(p, x, g, target, [&] { return lse; }, [&] { return scale; });
+}
+
 // ---- kernels: the warp layout (kWarp x kWarpRows threads) and the block layout (up to kMaxBlockThreads) ------
 
 template <typename T, bool SOFTCAP, bool SMOOTHING>
@@ -382,6 +537,58 @@ __global__ void backward_warp_kernel(KernelParams p) {
 template <typename T, bool SOFTCAP, bool SMOOTHING>
 __global__ void __launch_bounds__(kMaxBlockThreads) backward_block_kernel(KernelParams p) {
   backward_row<T, SOFTCAP, SMOOTHING, true>(p);
+}
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void loss_and_grad_warp_kernel(KernelParams p) {
+  loss_and_grad_row<T, SOFTCAP, SMOOTHING, false>(p);
+}
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void __launch_bounds__(kMaxBlockThreads) loss_and_grad_block_kernel(KernelParams p) {
+  loss_and_grad_row<T, SOFTCAP, SMOOTHING, true>(p);
+}
+
+// grad *= *grad_output (math in the accumulation type), unless *grad_output is exactly 1: every block reads the
+// device scalar first and then returns without touching grad (no host sync). Grid-stride over 16-byte packs
+// (after a scalar head that aligns grad; scalar tail), 64-bit indices.
+constexpr int kScaleThreads = 256;
+constexpr int64_t kScaleMaxBlocks = 16384;
+
+template <typename T>
+__global__ void __launch_bounds__(kScaleThreads)
+    scale_grad_kernel(T* grad, const typename AccOf<T>::type* grad_output, int64_t n) {
+  using A = typename AccOf<T>::type;
+  constexpr int kVec = Pack<T>::kSize;
+  const A scale = *grad_output;
+  if (scale == A(1)) return;  // NaN != 1: scaled (NaN), as grad.mul_(grad_output) would
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  auto scaled = [&](T v) { return static_cast<T>(static_cast<A>(v) * scale); };
+
+  const int64_t head = head_elements<T>(grad, n);  // all of grad if it is not even element aligned
+  const int64_t n_vec = (n - head) / kVec;
+  const int64_t tail = head + n_vec * kVec;
+  for (int64_t i = first; i < head; i += stride) grad[i] = scaled(grad[i]);
+  T* gv = grad + head;
+  // Block b's step covers the packs [b * blockDim.x * kUnroll, (b + 1) * blockDim.x * kUnroll) of each grid step.
+  for (int64_t k0 = static_cast<int64_t>(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; k0 < n_vec;
+       k0 += stride * kUnroll) {
+    Pack<T> packs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+      if (k < n_vec) packs[u] = load_pack(gv + k * kVec);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+      if (k < n_vec) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) packs[u].v[i] = scaled(packs[u].v[i]);
+        store_pack(gv + k * kVec, packs[u]);
+      }
+    }
+  }
+  for (int64_t i = tail + first; i < n; i += stride) grad[i] = scaled(grad[i]);
 }
 
 // ---- launchers ----------------------------------------------------------------------------------------
@@ -422,6 +629,16 @@ void launch_backward(const KernelParams& p, const Launch& l, cudaStream_t stream
     backward_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   } else {
     backward_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+void launch_loss_and_grad(const KernelParams& p, const Launch& l, cudaStream_t stream) {
+  if (l.block_per_row) {
+    loss_and_grad_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
+  } else {
+    loss_and_grad_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -541,12 +758,67 @@ void backward_inplace_cuda(const at::Tensor& grad_losses, const at::Tensor& logi
                      reverse_ce, reverse_ce_log_zero);
 }
 
+std::tuple<at::Tensor, at::Tensor> loss_and_grad_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& flood_level, const at::Tensor& grad_scale, bool flood_rows, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double reverse_ce, double reverse_ce_log_zero) {
+  constexpr const char* op = "flood_kernels::loss_and_grad";
+  check_loss_and_grad_inputs(op, logits, target, weight, flood_level, grad_scale, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t n_rows = logits.size(0);
+  at::Tensor losses = at::empty({n_rows}, logits.options().dtype(loss_dtype(logits.scalar_type())));
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(c10::MemoryFormat::Contiguous));
+  if (n_rows == 0) return {losses, grad};
+  KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
+                               reverse_ce_log_zero);
+  at::Tensor weight_sum;
+  if (weight.has_value() && label_smoothing > 0.0) {
+    weight_sum = weight->sum();  // on device: no host sync
+    p.weight_sum = weight_sum.const_data_ptr();
+  }
+  p.losses = losses.mutable_data_ptr();
+  p.grad = grad.mutable_data_ptr();
+  p.grad_row_stride = grad.stride(0);
+  p.flood_level = flood_rows ? flood_level.const_data_ptr() : nullptr;
+  p.flood_level_stride = flood_level.stride(0);
+  p.grad_scale = grad_scale.const_data_ptr();
+  p.flood_rows = flood_rows;
+  const Launch l = launch_config(n_rows, p.n_classes, logits.element_size());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_loss_and_grad_cuda", [&] {
+    with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
+      launch_loss_and_grad<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+    });
+  });
+  return {losses, grad};
+}
+
+// grad *= grad_output unless grad_output is exactly 1, tested on the device by every block (no host sync).
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_grad_inputs("flood_kernels::scale_grad_", grad, grad_output, c10::DeviceType::CUDA);
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t packs = std::max<int64_t>(1, n * static_cast<int64_t>(grad.element_size()) / 16);
+  const int64_t per_block = static_cast<int64_t>(kScaleThreads) * kUnroll;
+  const int64_t blocks = std::min<int64_t>((packs + per_block - 1) / per_block, kScaleMaxBlocks);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "flood_scale_grad_cuda", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    scale_grad_kernel<scalar_t><<<dim3(static_cast<unsigned>(blocks)), dim3(kScaleThreads), 0, stream>>>(
+        grad.mutable_data_ptr<scalar_t>(), grad_output.const_data_ptr<acc_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flood_kernels, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("backward", &backward_cuda);
   m.impl("backward_", &backward_inplace_cuda);
+  m.impl("loss_and_grad", &loss_and_grad_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
 }
 
 }  // namespace flood_kernels
