@@ -11,7 +11,7 @@ from flood_kernels._inputs import LossOptions
 from flood_kernels.functional import flooded_cross_entropy_with_options
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, materialize, random_logits,
-                     random_target, reference64)
+                     random_target, reference64, requires_cuda)
 
 CASES = [case for case in KERNEL_CASES if backends.has_single_read(case.values[1])]
 pytestmark = pytest.mark.skipif(not CASES, reason="no backend with a single-read path usable here")
@@ -261,3 +261,42 @@ def test_vocabulary_sizes(device, backend, v):
         ref_loss, _, ref_grad = reference64(x, target, **kwargs)
         assert_loss_close(loss, ref_loss)
         assert_grad_close(grad, ref_grad.to(dtype), dtype)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in CASES if c.values[0] == "cuda"])
+def test_cuda_graph_capture(backend):
+    """No host synchronization: the single-read forward and the on-device grad_output test replay inside a
+    CUDA graph, with per-sample levels and grad_output changed between replays (1 skips the scaling pass)."""
+    n, v = 64, 3000
+    x = random_logits(n, v, "cuda").requires_grad_(True)
+    target = random_target(n, v, "cuda", ignore_fraction=0.1)
+    level = torch.zeros(n, device="cuda")
+    grad_output = torch.ones((), device="cuda")
+    options = LossOptions(flood="individual")
+
+    def step():
+        loss, _ = flooded_cross_entropy_with_options(x, target, options, level, None, backend, single_read=True)
+        loss.backward(grad_output)
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = step()
+    for scale, levels in ((1.0, 0.0), (-3.0, 9.0)):
+        grad_output.fill_(scale)
+        level.copy_(torch.rand(n, device="cuda") * levels)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, _, ref_grad = reference64(x.detach(), target, scale, flood="individual", flood_level=level)
+        assert_loss_close(loss.detach(), ref_loss)
+        assert_grad_close(x.grad, ref_grad.float(), torch.float32)
