@@ -613,33 +613,12 @@ Launch launch_config(int64_t n_rows, int64_t n_classes, int64_t element_size) {
   return {dim3(static_cast<unsigned>(n_rows)), dim3(threads), true};
 }
 
-template <typename T, bool SOFTCAP, bool SMOOTHING>
-void launch_forward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
-  if (l.block_per_row) {
-    forward_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  } else {
-    forward_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+using CudaRowKernel = void (*)(KernelParams);
 
-template <typename T, bool SOFTCAP, bool SMOOTHING>
-void launch_backward(const KernelParams& p, const Launch& l, cudaStream_t stream) {
-  if (l.block_per_row) {
-    backward_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  } else {
-    backward_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, bool SOFTCAP, bool SMOOTHING>
-void launch_loss_and_grad(const KernelParams& p, const Launch& l, cudaStream_t stream) {
-  if (l.block_per_row) {
-    loss_and_grad_block_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  } else {
-    loss_and_grad_warp_kernel<T, SOFTCAP, SMOOTHING><<<l.grid, l.block, 0, stream>>>(p);
-  }
+// One launch of a row kernel in the layout `l` chose: its block-per-row or its warp-per-row instantiation.
+void launch_rows(CudaRowKernel block_kernel, CudaRowKernel warp_kernel, const KernelParams& p, const Launch& l,
+                 cudaStream_t stream) {
+  (l.block_per_row ? block_kernel : warp_kernel)<<<l.grid, l.block, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -700,7 +679,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_forward_cuda", [&] {
     with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
-      launch_forward<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+      constexpr bool kSoftcap = decltype(cap)::value, kSmoothing = decltype(smooth)::value;
+      launch_rows(forward_block_kernel<scalar_t, kSoftcap, kSmoothing>,
+                  forward_warp_kernel<scalar_t, kSoftcap, kSmoothing>, p, l, stream);
     });
   });
   return {losses, lse};
@@ -729,7 +710,9 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& grad_losses, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_backward_cuda", [&] {
     with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
-      launch_backward<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+      constexpr bool kSoftcap = decltype(cap)::value, kSmoothing = decltype(smooth)::value;
+      launch_rows(backward_block_kernel<scalar_t, kSoftcap, kSmoothing>,
+                  backward_warp_kernel<scalar_t, kSoftcap, kSmoothing>, p, l, stream);
     });
   });
 }
@@ -787,7 +770,9 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_loss_and_grad_cuda", [&] {
     with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
-      launch_loss_and_grad<scalar_t, decltype(cap)::value, decltype(smooth)::value>(p, l, stream);
+      constexpr bool kSoftcap = decltype(cap)::value, kSmoothing = decltype(smooth)::value;
+      launch_rows(loss_and_grad_block_kernel<scalar_t, kSoftcap, kSmoothing>,
+                  loss_and_grad_warp_kernel<scalar_t, kSoftcap, kSmoothing>, p, l, stream);
     });
   });
   return {losses, grad};
