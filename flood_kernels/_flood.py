@@ -36,17 +36,20 @@ def reduce_and_flood(
     reduction: str,
     flood_mode: Optional[str],
     flood_level: Tensor,
+    denominator: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Return ``(loss, raw_loss)`` from float32 per-row losses (0 on ignored rows).
 
-    ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels.
+    ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels. A caller that
+    already has the "mean" denominator passes it.
     """
-    denominator = mean_denominator(target, weight, ignore_index, losses.dtype) if reduction == "mean" else None
+    if reduction == "mean" and denominator is None:
+        denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
 
     def reduce(values: Tensor) -> Tensor:
         if reduction == "none":
             return values
-        return values.sum() if denominator is None else values.sum() / denominator
+        return values.sum() if reduction == "sum" else values.sum() / denominator
 
     raw = reduce(losses)
     if flood_mode is None:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import backends
 from ._flood import mean_denominator, reduce_and_flood
-from ._inputs import LossOptions
+from ._inputs import LossOptions, loss_dtype
 
 # Backends whose single-read path beat their two-pass path in a committed measurement.
 _FASTER_BY_MEASUREMENT = frozenset({"cpu"})
@@ -67,8 +67,10 @@ class SingleReadCrossEntropy(torch.autograd.Function):
                 options: LossOptions, backend: str) -> Tuple[Tensor, Tensor]:
         ops = backends.kernel_ops(backend)
         n_rows = logits.shape[0]
+        denominator = None
         if options.reduction == "mean":
-            grad_scale = 1.0 / mean_denominator(target, weight, options.ignore_index, level.dtype)
+            denominator = mean_denominator(target, weight, options.ignore_index, level.dtype)
+            grad_scale = 1.0 / denominator
         else:
             grad_scale = torch.ones((), dtype=level.dtype, device=logits.device)
         losses, grad = ops.loss_and_grad(
@@ -77,7 +79,7 @@ class SingleReadCrossEntropy(torch.autograd.Function):
             options.reverse_ce, options.reverse_ce_log_zero,
         )
         loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction,
-                                     options.flood, level)
+                                     options.flood, level, denominator)
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.mark_non_differentiable(raw)
@@ -93,6 +95,5 @@ class SingleReadCrossEntropy(torch.autograd.Function):
             )
         ctx.gradient_handed_out = True
         (grad,) = ctx.saved_tensors
-        scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        backends.kernel_ops(ctx.backend).scale_grad_(grad, scale)
+        backends.kernel_ops(ctx.backend).scale_grad_(grad, grad_loss.to(loss_dtype(grad.dtype)))
         return grad, None, None, None, None, None
