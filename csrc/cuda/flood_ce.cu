@@ -653,6 +653,15 @@ KernelParams make_params(const at::Tensor& logits, const at::Tensor& target, con
   return p;
 }
 
+// With class weights and label smoothing the kernels need sum(w): computed on device (no host sync) into the
+// returned tensor, which the caller keeps alive until the launch is enqueued.
+at::Tensor set_weight_sum(KernelParams& p, const std::optional<at::Tensor>& weight, double label_smoothing) {
+  if (!weight.has_value() || label_smoothing <= 0.0) return {};
+  at::Tensor weight_sum = weight->sum();
+  p.weight_sum = weight_sum.const_data_ptr();
+  return weight_sum;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                 double label_smoothing, double z_loss, double softcap,
@@ -668,11 +677,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
   if (n_rows == 0) return {losses, lse};
   KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
                                reverse_ce_log_zero);
-  at::Tensor weight_sum;
-  if (weight.has_value() && label_smoothing > 0.0) {
-    weight_sum = weight->sum();  // on device: no host sync
-    p.weight_sum = weight_sum.const_data_ptr();
-  }
+  const at::Tensor weight_sum = set_weight_sum(p, weight, label_smoothing);
   p.losses = losses.mutable_data_ptr();
   p.lse_out = lse.mutable_data_ptr();
   const Launch l = launch_config(n_rows, p.n_classes, logits.element_size());
@@ -695,11 +700,7 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& grad_losses, c
   if (n_rows == 0) return;
   KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
                                reverse_ce_log_zero);
-  at::Tensor weight_sum;
-  if (weight.has_value() && label_smoothing > 0.0) {
-    weight_sum = weight->sum();
-    p.weight_sum = weight_sum.const_data_ptr();
-  }
+  const at::Tensor weight_sum = set_weight_sum(p, weight, label_smoothing);
   p.grad = grad.mutable_data_ptr();
   p.grad_row_stride = grad.stride(0);
   p.grad_losses = grad_losses.const_data_ptr();
@@ -754,11 +755,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad_cuda(
   if (n_rows == 0) return {losses, grad};
   KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
                                reverse_ce_log_zero);
-  at::Tensor weight_sum;
-  if (weight.has_value() && label_smoothing > 0.0) {
-    weight_sum = weight->sum();  // on device: no host sync
-    p.weight_sum = weight_sum.const_data_ptr();
-  }
+  const at::Tensor weight_sum = set_weight_sum(p, weight, label_smoothing);
   p.losses = losses.mutable_data_ptr();
   p.grad = grad.mutable_data_ptr();
   p.grad_row_stride = grad.stride(0);
