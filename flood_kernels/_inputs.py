@@ -103,7 +103,9 @@ def check_flood_level(flood_level: FloodLevel, flood: Optional[str], rows: int, 
     _check_real("flood_level", flood_level)
     if flood_level < 0:
         raise ValueError(f"flood_level must be >= 0, got {flood_level}")
-    return torch.tensor(float(flood_level), dtype=dtype, device=device)
+    # A fill on the device, not torch.tensor: building a CUDA tensor from a Python number is a blocking
+    # host-to-device copy (a stream synchronization, and an error inside CUDA-graph capture).
+    return torch.full((), float(flood_level), dtype=dtype, device=device)
 
 
 def check_weight(weight: Optional[Tensor], classes: int, device: torch.device,

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from flood_kernels import flooded_cross_entropy
+from flood_kernels import FloodedCrossEntropyLoss, flooded_cross_entropy
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
                      random_logits, random_target, reference64, requires_cuda, row_term_scale)
@@ -303,6 +303,64 @@ def test_ops_pass_opcheck(device, backend):
     grad_losses = torch.randn(5, device=device)
     torch.library.opcheck(ops.backward, (grad_losses, x, target, weight, lse) + scalars)
     torch.library.opcheck(ops.backward_inplace, (grad_losses, x.clone(), target, weight, lse) + scalars)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+@pytest.mark.parametrize("flood,reduction,single_read", [
+    ("batch", "mean", "0"), ("batch", "sum", "0"), ("individual", "mean", "0"), ("individual", "mean", "1"),
+    ("individual", "none", "0"), (None, "mean", "0"), (None, "sum", "1"),
+])
+def test_no_host_synchronization(backend, flood, reduction, single_read, monkeypatch):
+    """The hot path never waits for the GPU, with a Python-number level (the usual call) and a tensor one:
+    torch's sync debug mode turns any synchronizing call (a blocking copy, .item()) into an error."""
+    monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", single_read)
+    x = random_logits(32, 500, "cuda").requires_grad_(True)
+    target = random_target(32, 500, "cuda", ignore_fraction=0.2)
+    module = FloodedCrossEntropyLoss(flood_level=0.5, flood=flood, reduction=reduction, backend=backend)
+
+    def step(level):
+        loss = flooded_cross_entropy(x, target, flood=flood, reduction=reduction, flood_level=level, backend=backend)
+        (loss.sum() + module(x, target).sum()).backward()
+
+    level_tensor = torch.full((), 0.5, device="cuda")
+    for level in (0.5, level_tensor):
+        step(level)  # first call: compilation and caches may synchronize
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(level)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [c.values[1] for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_cuda_graph_capture_with_a_python_number_level(backend):
+    """A float level is filled on the device at capture time, so the captured step replays without the host."""
+    x = random_logits(64, 1000, "cuda").requires_grad_(True)
+    target = random_target(64, 1000, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = None
+            flooded_cross_entropy(x, target, flood_level=100.0, backend=backend).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = flooded_cross_entropy(x, target, flood_level=100.0, backend=backend)
+        loss.backward()
+    with torch.no_grad():
+        x.mul_(0.5)  # new values in the captured input: the replay must recompute, not reuse
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss, _, ref_grad = reference64(x.detach(), target, flood_level=100.0)
+    assert_loss_close(loss.detach(), ref_loss)
+    assert_grad_close(x.grad, ref_grad, torch.float32)
 
 
 @requires_cuda

@@ -377,3 +377,26 @@ def test_cuda_peak_memory_stays_below_the_logits():
     logits_bytes = rows * v * 2
     gradients_bytes = (h.numel() + w.numel() + b.numel()) * 2
     assert extra - gradients_bytes < logits_bytes / 2
+
+
+@CUDA
+@pytest.mark.parametrize("case", ["batch", "iflood", "plain-none"])
+def test_cuda_no_host_synchronization(case):
+    """Chunking, the row factors and the backward's scale stay on the device (sync debug mode raises on any
+    synchronizing call), with the usual Python-number level."""
+    rows, d, v = 300, 64, 1000
+    options = resolve(CASES[case], rows, v)
+    h, w, b, y = to_cuda(make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16, ignored=20))
+    grad_output = grad_output_for(options, (rows,)).float().cuda()
+
+    def step():
+        loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, chunk_size=128, **options)
+        loss.backward(grad_output)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
