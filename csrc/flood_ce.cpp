@@ -307,6 +307,16 @@ TORCH_LIBRARY(flood_kernels, m) {
       "bool flood_rows, int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
       "float reverse_ce_log_zero) -> (Tensor, Tensor)");
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // The whole loss for reduction "mean" / "sum" in one autograd node (csrc/flood_ce_autograd.cpp): the row
+  // kernels plus the O(N) epilogue (csrc/cpu/flood_epilogue.cpp); flood_mode 0 none, 1 batch, 2 individual.
+  m.def("mean_denominator(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> Tensor");
+  m.def(
+      "flood_epilogue(Tensor losses, Tensor target, Tensor? weight, Tensor flood_level, int flood_mode, "
+      "bool mean, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "flooded_loss(Tensor logits, Tensor target, Tensor? weight, Tensor flood_level, int flood_mode, bool mean, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, float reverse_ce, "
+      "float reverse_ce_log_zero, bool inplace_backward, bool single_read) -> (Tensor, Tensor)");
   m.def("empty_cpu_cache() -> ()", &empty_cpu_cache);
 }
 

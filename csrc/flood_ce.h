@@ -37,6 +37,9 @@ void check_loss_and_grad_inputs(const char* op, const at::Tensor& logits, const 
 void check_scale_grad_inputs(const char* op, const at::Tensor& grad, const at::Tensor& grad_output,
                              c10::DeviceType device_type);
 
+// flood_kernels::flood_epilogue's and flooded_loss's flood_mode argument (flood_kernels/_ops.py FLOOD_MODES).
+enum class FloodMode : int64_t { kNone = 0, kBatch = 1, kIndividual = 2 };
+
 // ---- CPU gradient buffers (csrc/cpu/gradient_buffers.cpp) ---------------------------------------------
 
 // An uninitialized contiguous tensor shaped and typed like `like` (a CPU tensor); large ones are recycled

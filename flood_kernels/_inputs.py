@@ -133,6 +133,8 @@ def check_target(target: Tensor, row_shape: Tuple[int, ...], device: torch.devic
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(row_shape)} for this input")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but input is on {device}")
+    if target.dtype == torch.int64 and target.dim() == 1 and target.is_contiguous():
+        return target
     return target.reshape(-1).to(torch.int64).contiguous()
 
 

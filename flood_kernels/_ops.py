@@ -14,6 +14,16 @@ and the single-read pair (:mod:`flood_kernels._single_read`)::
         -> (losses, grad_logits)      # grad row i = grad_scale * (sgn(l_i - b_i) if flood_rows else 1) * dl_i
     scale_grad_(grad!, grad_output) -> ()   # grad *= grad_output unless grad_output == 1 (tested on device)
 
+The extension's CPU backend also has the whole loss as one op with one autograd node (reductions "mean" and
+"sum"; ``flood_mode`` is ``FLOOD_MODES[options.flood]``), for problems small enough that the O(N) flood ops of
+:mod:`flood_kernels._flood` and their autograd nodes would cost more than the kernels::
+
+    flooded_loss(logits, target, weight?, flood_level, flood_mode, mean, <the scalars>, inplace_backward,
+                 single_read) -> (loss, raw_loss)
+    flood_epilogue(losses, target, weight?, flood_level, flood_mode, mean, ignore_index)
+        -> (loss, raw_loss, d loss / d losses)
+    mean_denominator(target, weight?, ignore_index, dtype) -> denominator
+
 ``logits`` is ``(N, V)`` with class stride 1, ``target`` int64 ``(N,)``, ``weight`` ``(V,)`` in the loss
 dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` and ``lse``
 are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. Every backend has
@@ -32,6 +42,9 @@ from torch import Tensor
 
 from ._inputs import loss_dtype
 
+# flood_mode of the fused ops (csrc/flood_ce.h FloodMode).
+FLOOD_MODES = {None: 0, "batch": 1, "individual": 2}
+
 
 @dataclass(frozen=True)
 class KernelOps:
@@ -42,6 +55,7 @@ class KernelOps:
     backward_inplace: Callable[..., None]
     loss_and_grad: Callable[..., Tuple[Tensor, Tensor]]
     scale_grad_: Callable[..., None]
+    flooded_loss: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None
 
 
 def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
@@ -60,6 +74,20 @@ def _fake_returns_nothing(*args: Any) -> None:
 
 def _fake_loss_and_grad(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
     return logits.new_empty(logits.shape[0], dtype=loss_dtype(logits.dtype)), _fake_backward(None, logits)
+
+
+def _fake_reduced(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
+    dtype = loss_dtype(logits.dtype)
+    return logits.new_empty((), dtype=dtype), logits.new_empty((), dtype=dtype)
+
+
+def _fake_epilogue(losses: Tensor, *args: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    return losses.new_empty(()), losses.new_empty(()), torch.empty_like(losses)
+
+
+def _fake_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                           dtype: torch.dtype) -> Tensor:
+    return target.new_empty((), dtype=dtype)
 
 
 def _writable_in_place(logits: Tensor) -> bool:
@@ -101,6 +129,10 @@ def register(namespace_prefix: str, ops: KernelOps, autograd: bool = True) -> Ke
     torch.library.register_fake(name("backward_"), _fake_returns_nothing)
     torch.library.register_fake(name("loss_and_grad"), _fake_loss_and_grad)
     torch.library.register_fake(name("scale_grad_"), _fake_returns_nothing)
+    if ops.flooded_loss is not None:
+        torch.library.register_fake(name("flooded_loss"), _fake_reduced)
+        torch.library.register_fake(name("flood_epilogue"), _fake_epilogue)
+        torch.library.register_fake(name("mean_denominator"), _fake_mean_denominator)
     if autograd:
         setup_context, backward = _make_autograd(ops)
         torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
@@ -171,7 +203,7 @@ def _load_extension_ops() -> Optional[KernelOps]:
     return register(
         "",
         KernelOps(ops.forward.default, ops.backward.default, ops.backward_.default, ops.loss_and_grad.default,
-                  ops.scale_grad_.default),
+                  ops.scale_grad_.default, ops.flooded_loss.default),
         autograd=False,  # csrc/flood_ce_autograd.cpp: the same formula, registered in C++
     )
 

@@ -8,7 +8,7 @@ the first available name of the device's preference list, which never ends witho
 from __future__ import annotations
 
 import os
-from typing import List, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 
@@ -37,6 +37,7 @@ def _extension_device_types(op: str) -> frozenset:
 
 _EXTENSION_DEVICE_TYPES = _extension_device_types("forward")
 _EXTENSION_SINGLE_READ_DEVICE_TYPES = _extension_device_types("loss_and_grad")
+_EXTENSION_FUSED_LOSS_DEVICE_TYPES = _extension_device_types("flooded_loss")
 
 
 def has_single_read(backend: str) -> bool:
@@ -44,9 +45,27 @@ def has_single_read(backend: str) -> bool:
     return backend == "triton" or backend in _EXTENSION_SINGLE_READ_DEVICE_TYPES
 
 
+def has_fused_loss(backend: str) -> bool:
+    """Whether a resolved kernel backend has the whole reduced loss as one op (``flooded_loss``)."""
+    return backend in _EXTENSION_FUSED_LOSS_DEVICE_TYPES
+
+
 def available_backends(device: Union[str, torch.device]) -> List[str]:
     """Backend names usable for tensors on ``device``, in the order ``backend="auto"`` prefers them."""
-    device_type = torch.device(device).type
+    return list(_usable_backends(torch.device(device).type))
+
+
+_USABLE_BACKENDS: Dict[str, Tuple[str, ...]] = {}
+
+
+def _usable_backends(device_type: str) -> Tuple[str, ...]:
+    """available_backends, computed once per device type (every loss call resolves its backend)."""
+    if device_type not in _USABLE_BACKENDS:
+        _USABLE_BACKENDS[device_type] = _find_usable_backends(device_type)
+    return _USABLE_BACKENDS[device_type]
+
+
+def _find_usable_backends(device_type: str) -> Tuple[str, ...]:
     usable = {"reference"}
     if _ops.TRITON_OPS is not None and (
         (device_type == "cuda" and torch.cuda.is_available()) or (device_type == "cpu" and _triton_interpreter_on())
@@ -55,14 +74,14 @@ def available_backends(device: Union[str, torch.device]) -> List[str]:
     if device_type in _EXTENSION_DEVICE_TYPES:
         usable.add(device_type)
     preference = _AUTO_PREFERENCE.get(device_type, ("reference",))
-    return [name for name in preference if name in usable] + sorted(usable - set(preference))
+    return tuple([name for name in preference if name in usable] + sorted(usable - set(preference)))
 
 
 def resolve(backend: str, device: torch.device) -> str:
     """The backend that will run: ``backend`` itself if usable on ``device``, or the choice of "auto"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    usable = available_backends(device)
+    usable = _usable_backends(device.type)
     if backend == "auto":
         return usable[0]
     if backend in usable:
@@ -74,7 +93,7 @@ def resolve(backend: str, device: torch.device) -> str:
         raise RuntimeError("backend='triton' needs the triton package: python3 -m pip install triton")
     if backend == "triton" and device.type == "cpu":
         raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)")
-    raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors; available: {usable}")
+    raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors; available: {list(usable)}")
 
 
 def empty_cpu_cache() -> None:

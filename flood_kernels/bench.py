@@ -48,6 +48,8 @@ SINGLE_READ_PHASES = ("plain", "iflood")
 SHAPE_SETS = {
     "smoke": [(64, 100, "float32"), (32, 257, "bfloat16")],
     "cpu": [(4096, 32000, "float32"), (1024, 32000, "bfloat16"), (256, 1000, "float32")],
+    # Small classifiers trained on a CPU (the flooding papers' synthetic data has V = 2): per-call overhead.
+    "cpu-small": [(128, 2, "float32"), (128, 10, "float32"), (1024, 100, "float32"), (256, 1000, "float32")],
     "quick": [(8192, 32000, "bfloat16"), (16384, 128256, "bfloat16"), (256, 1000, "float32")],
     "issue2": [(n, v, "bfloat16") for n in (8192, 16384) for v in (32000, 128256, 256000)],
     "llm": [(n, v, dtype) for dtype in ("bfloat16", "float32") for n in (4096, 16384, 65536)

@@ -1,7 +1,8 @@
 """``flooded_cross_entropy``: cross-entropy with flooding (Ishida et al., 2020) or iFlood (Xie et al., 2022).
 
 The N x V work is one fused kernel op per direction (see :mod:`flood_kernels._ops`); the flood transform
-and the reduction are O(N) device ops (:mod:`flood_kernels._flood`). No host synchronization.
+and the reduction are O(N) device ops (:mod:`flood_kernels._flood`), or, on the CPU backend, one epilogue
+inside the same op and autograd node. No host synchronization.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 from . import _single_read, backends, reference
 from ._flood import reduce_and_flood
 from ._inputs import FloodLevel, LossOptions, as_rows, check_flood_level, check_weight, loss_dtype
+from ._ops import FLOOD_MODES
 
 
 def row_losses(
@@ -100,7 +102,14 @@ def flooded_cross_entropy_with_options(
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
     level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
-    if _single_read.eligible(logits, options, level, name, inplace_backward, single_read):
+    single_read = _single_read.eligible(logits, options, level, name, inplace_backward, single_read)
+    if options.reduction != "none" and backends.has_fused_loss(name):
+        return backends.kernel_ops(name).flooded_loss(
+            logits, flat_target, weight, level, FLOOD_MODES[options.flood], options.reduction == "mean",
+            options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, options.reverse_ce,
+            options.reverse_ce_log_zero, inplace_backward, single_read,
+        )
+    if single_read:
         return _single_read.SingleReadCrossEntropy.apply(logits, flat_target, weight, level, options, name)
     losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape)
