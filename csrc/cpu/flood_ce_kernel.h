@@ -124,22 +124,17 @@ inline A max_nan(A a, A b) {
   return (a != a || b != b) ? std::numeric_limits<A>::quiet_NaN() : (a > b ? a : b);
 }
 
+// Horizontal max / sum of a vector with lane shuffles (at::vec's per-ISA reductions); the max propagates NaN
+// (at::vec::maximum is IEEE 754-2019 maximum).
 template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
-  alignas(64) A lanes[Vectorized<A>::size()];
-  v.store(lanes);
-  A m = lanes[0];
-  for (int64_t i = 1; i < Vectorized<A>::size(); ++i) m = max_nan(m, lanes[i]);
-  return m;
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return at::vec::maximum(a, b); },
+                                    v);
 }
 
 template <typename A>
 inline A reduce_sum(const Vectorized<A>& v) {
-  alignas(64) A lanes[Vectorized<A>::size()];
-  v.store(lanes);
-  A s = A(0);
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += lanes[i];
-  return s;
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
 }
 
 // ---- one row ------------------------------------------------------------------------------------------
