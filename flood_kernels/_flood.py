@@ -8,10 +8,12 @@ and grad_output cost no extra pass over the N x V gradient, and nothing here syn
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._ops import FLOOD_MODES
 
 
 def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
@@ -37,12 +39,19 @@ def reduce_and_flood(
     flood_mode: Optional[str],
     flood_level: Tensor,
     denominator: Optional[Tensor] = None,
+    epilogue: Optional[Callable[..., Tuple[Tensor, Tensor, Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Return ``(loss, raw_loss)`` from float32 per-row losses (0 on ignored rows).
 
     ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels. A caller that
-    already has the "mean" denominator passes it.
+    already has the "mean" denominator passes it. ``epilogue`` (a backend's ``flood_epilogue`` op, see
+    :func:`flood_kernels.backends.epilogue_op`) computes the same for reductions "mean" and "sum" in one kernel
+    and one autograd node.
     """
+    if epilogue is not None and reduction != "none":
+        loss, raw, _ = epilogue(losses, target, weight, flood_level, FLOOD_MODES[flood_mode], reduction == "mean",
+                                ignore_index)
+        return loss, raw.detach()
     if reduction == "mean" and denominator is None:
         denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
 

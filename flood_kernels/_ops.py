@@ -14,9 +14,11 @@ and the single-read pair (:mod:`flood_kernels._single_read`)::
         -> (losses, grad_logits)      # grad row i = grad_scale * (sgn(l_i - b_i) if flood_rows else 1) * dl_i
     scale_grad_(grad!, grad_output) -> ()   # grad *= grad_output unless grad_output == 1 (tested on device)
 
-The extension's CPU backend also has the whole loss as one op with one autograd node (reductions "mean" and
-"sum"; ``flood_mode`` is ``FLOOD_MODES[options.flood]``), for problems small enough that the O(N) flood ops of
-:mod:`flood_kernels._flood` and their autograd nodes would cost more than the kernels::
+For reductions "mean" and "sum", the O(N) epilogue (reduction, flood transform, ``d loss / d l_i``; the
+math of :mod:`flood_kernels._flood`, whose ~8 tensor ops and autograd nodes cost more than the kernels on
+small problems) is one op: the Triton backend's ``triton_flood_epilogue`` (also used by the CUDA backend on
+GPU), and in the extension's CPU backend the whole loss is one op with one autograd node (``flood_mode`` is
+``FLOOD_MODES[options.flood]``)::
 
     flooded_loss(logits, target, weight?, flood_level, flood_mode, mean, <the scalars>, inplace_backward,
                  single_read) -> (loss, raw_loss)
@@ -56,6 +58,7 @@ class KernelOps:
     loss_and_grad: Callable[..., Tuple[Tensor, Tensor]]
     scale_grad_: Callable[..., None]
     flooded_loss: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None
+    flood_epilogue: Optional[Callable[..., Tuple[Tensor, Tensor, Tensor]]] = None
 
 
 def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
@@ -88,6 +91,17 @@ def _fake_epilogue(losses: Tensor, *args: Any) -> Tuple[Tensor, Tensor, Tensor]:
 def _fake_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int,
                            dtype: torch.dtype) -> Tensor:
     return target.new_empty((), dtype=dtype)
+
+
+def _epilogue_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+    _, raw, row_scale = output
+    ctx.save_for_backward(row_scale)
+    ctx.mark_non_differentiable(raw, row_scale)
+
+
+def _epilogue_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    (row_scale,) = ctx.saved_tensors
+    return (row_scale * grad_loss.to(row_scale.dtype),) + (None,) * 6
 
 
 def _writable_in_place(logits: Tensor) -> bool:
@@ -142,6 +156,7 @@ def register(namespace_prefix: str, ops: KernelOps, autograd: bool = True) -> Ke
 def _define_triton_ops() -> Optional[KernelOps]:
     try:
         from .triton import cross_entropy as triton_ce
+        from .triton import flood_epilogue as triton_epilogue
     except ImportError:
         return None
 
@@ -190,8 +205,22 @@ def _define_triton_ops() -> Optional[KernelOps]:
     def triton_scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
         triton_ce.scale_grad_(grad, grad_output)
 
+    @torch.library.custom_op("flood_kernels::triton_flood_epilogue", mutates_args=())
+    def triton_flood_epilogue(
+        losses: Tensor, target: Tensor, weight: Optional[Tensor], flood_level: Tensor, flood_mode: int, mean: bool,
+        ignore_index: int,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        loss, raw, row_scale = _fake_epilogue(losses)
+        triton_epilogue.flood_epilogue(losses, target, weight, flood_level, flood_mode, mean, ignore_index, loss, raw,
+                                       row_scale)
+        return loss, raw, row_scale
+
+    torch.library.register_fake("flood_kernels::triton_flood_epilogue", _fake_epilogue)
+    torch.library.register_autograd("flood_kernels::triton_flood_epilogue", _epilogue_backward,
+                                    setup_context=_epilogue_setup_context)
+
     return register("triton_", KernelOps(triton_forward, triton_backward, triton_backward_, triton_loss_and_grad,
-                                         triton_scale_grad_))
+                                         triton_scale_grad_, flood_epilogue=triton_flood_epilogue))
 
 
 def _load_extension_ops() -> Optional[KernelOps]:

@@ -79,7 +79,7 @@ class SingleReadCrossEntropy(torch.autograd.Function):
             options.reverse_ce, options.reverse_ce_log_zero,
         )
         loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction,
-                                     options.flood, level, denominator)
+                                     options.flood, level, denominator, backends.epilogue_op(backend, n_rows))
         ctx.save_for_backward(grad)
         ctx.backend = backend
         ctx.mark_non_differentiable(raw)

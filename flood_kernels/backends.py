@@ -8,9 +8,10 @@ the first available name of the device's preference list, which never ends witho
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from . import _ops
 from ._ops import KernelOps
@@ -48,6 +49,19 @@ def has_single_read(backend: str) -> bool:
 def has_fused_loss(backend: str) -> bool:
     """Whether a resolved kernel backend has the whole reduced loss as one op (``flooded_loss``)."""
     return backend in _EXTENSION_FUSED_LOSS_DEVICE_TYPES
+
+
+# Up to this many rows the GPU epilogue is one Triton program (flood_kernels/triton/flood_epilogue.py).
+_EPILOGUE_MAX_ROWS = 1 << 16
+
+
+def epilogue_op(backend: str, n_rows: int) -> Optional[Callable[..., Tuple[Tensor, Tensor, Tensor]]]:
+    """The one-kernel O(N) epilogue (``flood_epilogue`` of :mod:`flood_kernels._ops`) for the losses of a GPU
+    backend, or None where the tensor ops of :mod:`flood_kernels._flood` serve: the reference backend, the CPU
+    backend (whose fused op has its own), no Triton, or more rows than one program walks quickly."""
+    if backend not in ("triton", "cuda") or _ops.TRITON_OPS is None or n_rows > _EPILOGUE_MAX_ROWS:
+        return None
+    return _ops.TRITON_OPS.flood_epilogue
 
 
 def available_backends(device: Union[str, torch.device]) -> List[str]:

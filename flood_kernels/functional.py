@@ -37,11 +37,12 @@ def row_losses(
 
 def flood_row_losses(
     losses: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions, level: Tensor,
-    row_shape: torch.Size,
+    row_shape: torch.Size, backend: str = "reference",
 ) -> Tuple[Tensor, Tensor]:
-    """Reduce and flood per-row losses; ``(loss, raw_loss)`` with ``reduction='none'`` output reshaped."""
+    """Reduce and flood per-row losses; ``(loss, raw_loss)`` with ``reduction='none'`` output reshaped. GPU
+    backends run the epilogue as one kernel (:func:`flood_kernels.backends.epilogue_op`)."""
     loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction, options.flood,
-                                 level)
+                                 level, epilogue=backends.epilogue_op(backend, losses.shape[0]))
     if options.reduction == "none":
         return loss.reshape(row_shape), raw.reshape(row_shape)
     return loss, raw
@@ -112,4 +113,4 @@ def flooded_cross_entropy_with_options(
     if single_read:
         return _single_read.SingleReadCrossEntropy.apply(logits, flat_target, weight, level, options, name)
     losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
-    return flood_row_losses(losses, flat_target, weight, options, level, row_shape)
+    return flood_row_losses(losses, flat_target, weight, options, level, row_shape, name)

@@ -37,6 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flood_kernels.triton import cross_entropy as ce  # noqa: E402
+from flood_kernels.triton import flood_epilogue as epilogue  # noqa: E402
 
 V = 128256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -102,6 +103,35 @@ def resource_usage(compiled) -> dict:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
+def check_epilogue(archs) -> list:
+    """The O(N) epilogue kernel (one program): every flood mode, reduction and weighting must compile for
+    float32 and float64 losses without local memory."""
+    failures = []
+    kernel = epilogue._flood_epilogue_kernel
+    for arch in archs:
+        for acc, mode, mean, has_weight in itertools.product(("fp32", "fp64"), (0, 1, 2), (False, True),
+                                                             (False, True)):
+            signature = {"loss_ptr": f"*{acc}", "raw_ptr": f"*{acc}", "row_scale_ptr": f"*{acc}",
+                         "losses_ptr": f"*{acc}", "target_ptr": "*i64", "weight_ptr": f"*{acc}",
+                         "level_ptr": f"*{acc}", "level_stride": "i32", "n_rows": "i32", "n_classes": "i32",
+                         "ignore_index": "i32"}
+            constexprs = {"FLOOD_MODE": mode, "MEAN": mean, "HAS_WEIGHT": has_weight, "BLOCK": epilogue._BLOCK}
+            names = list(signature) + list(constexprs)
+            src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
+                            constexprs={(names.index(n),): value for n, value in constexprs.items()})
+            label = f"epilogue {acc} sm_{arch} mode={mode} mean={mean} weight={has_weight}"
+            try:
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            except Exception as error:  # any compiler error is the finding
+                failures.append(f"{label}: {type(error).__name__}: {error}")
+                continue
+            usage = resource_usage(compiled)
+            if usage.get("LOCAL", 0) + usage.get("STACK", 0):
+                failures.append(f"{label}: local memory (spills)")
+    print(f"epilogue kernel: {2 * 3 * 2 * 2} variants per arch compiled, {len(failures)} failure(s)")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="90,80", help="comma list of compute capabilities")
@@ -154,6 +184,7 @@ def main() -> int:
                 compile_variant(kernel, signature(dtype), switches, dtype, 90, v)
             except Exception as error:
                 failures.append(f"{name} {dtype} sm_90 V={v}: {type(error).__name__}: {error}")
+    failures += check_epilogue(int(a) for a in args.archs.split(","))
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     print("check_triton_compile:", "OK" if not failures else f"{len(failures)} failure(s)")

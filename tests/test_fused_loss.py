@@ -1,21 +1,39 @@
-"""The CPU backend's fused loss op (flood_kernels::flooded_loss): the row kernels and the O(N) epilogue in one
-autograd node. The epilogue is checked against the composition of tensor ops it replaces
-(flood_kernels._flood, differentiated by autograd); the whole loss against the float64 reference in
-test_kernels.py and test_single_read.py, which run through this op on the cpu backend."""
+"""The O(N) epilogue as one op (reduction, flood transform, d loss / d l_i) and the CPU backend's fused loss
+op (flood_kernels::flooded_loss: the row kernels and the epilogue in one autograd node).
+
+Each epilogue (the C++ CPU op; the Triton kernel, which the GPU backends use, on CUDA or in Triton's
+interpreter) is checked against the composition of tensor ops it replaces (flood_kernels._flood,
+differentiated by autograd); the whole loss against the float64 reference in test_kernels.py and
+test_single_read.py, which run through these ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flood_kernels import backends, flooded_cross_entropy
+from flood_kernels import _ops, available_backends, backends, flooded_cross_entropy
 from flood_kernels._flood import mean_denominator, reduce_and_flood
 from flood_kernels._ops import FLOOD_MODES
 
-from helpers import random_logits, random_target
+from helpers import random_logits, random_target, requires_cuda
 
-pytestmark = pytest.mark.skipif(not backends.has_fused_loss("cpu"), reason="needs the C++ extension's CPU ops")
 ops = torch.ops.flood_kernels
+HAS_FUSED_CPU = backends.has_fused_loss("cpu")
+requires_fused_cpu = pytest.mark.skipif(not HAS_FUSED_CPU, reason="needs the C++ extension's CPU ops")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, Triton's interpreter
+
+
+def _epilogues():
+    cases = []
+    if HAS_FUSED_CPU:
+        cases.append(pytest.param(("cpu", ops.flood_epilogue.default), id="cpu"))
+    if "triton" in available_backends(TRITON_DEVICE):
+        marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
+        cases.append(pytest.param((TRITON_DEVICE, _ops.TRITON_OPS.flood_epilogue), id="triton", marks=marks))
+    return cases
+
+
+EPILOGUES = _epilogues()
 
 FLOODS_AND_REDUCTIONS = [(flood, reduction) for flood in ("batch", "individual", None) for reduction in ("mean", "sum")]
 
@@ -39,15 +57,20 @@ def _expected(losses, target, weight, level, flood, reduction):
     return loss.detach(), raw, scale
 
 
-def _epilogue(losses, target, weight, level, flood, reduction):
-    return ops.flood_epilogue(losses, target, weight, level, FLOOD_MODES[flood], reduction == "mean", -100)
+def _epilogue(epilogue, losses, target, weight, level, flood, reduction):
+    """Run one epilogue implementation on its device; results back on the CPU."""
+    device, op = epilogue
+    moved = [None if t is None else t.to(device) for t in (losses, target, weight, level)]
+    results = op(*moved, FLOOD_MODES[flood], reduction == "mean", -100)
+    return tuple(r.cpu() for r in results)
 
 
 @pytest.mark.parametrize("flood,reduction", FLOODS_AND_REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("per_sample_levels", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_epilogue_matches_the_composition(flood, reduction, weighted, per_sample_levels, dtype):
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_epilogue_matches_the_composition(epilogue, flood, reduction, weighted, per_sample_levels, dtype):
     if per_sample_levels and flood != "individual":
         pytest.skip("per-sample levels need flood='individual'")
     for seed in range(3):
@@ -55,7 +78,7 @@ def test_epilogue_matches_the_composition(flood, reduction, weighted, per_sample
         weight = weight if weighted else None
         level = (torch.rand(50, dtype=dtype) * 4 if per_sample_levels
                  else torch.full((), (0.5, 2.0, 9.0)[seed], dtype=dtype))
-        got = _epilogue(losses, target, weight, level, flood, reduction)
+        got = _epilogue(epilogue, losses, target, weight, level, flood, reduction)
         tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
         for value, expected in zip(got, _expected(losses, target, weight, level, flood, reduction)):
             assert value.dtype == dtype and value.shape == expected.shape
@@ -63,12 +86,13 @@ def test_epilogue_matches_the_composition(flood, reduction, weighted, per_sample
 
 
 @pytest.mark.parametrize("flood", ["batch", "individual"])
-def test_epilogue_sign_is_zero_at_the_level(flood):
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_epilogue_sign_is_zero_at_the_level(epilogue, flood):
     """Exact ties (values chosen so every sum is exact): the flood gradient is 0 there, as torch.sign's."""
     losses = torch.tensor([0.5, 1.25, 0.0, 2.25, 0.0])
     target = torch.tensor([1, 2, -100, 0, 3])  # the last row is a valid row with a zero loss
     level = torch.tensor(1.0) if flood == "batch" else torch.tensor([0.5, 2.0, 0.0, 1.0, 0.0])
-    loss, raw, scale = _epilogue(losses, target, None, level, flood, "mean")
+    loss, raw, scale = _epilogue(epilogue, losses, target, None, level, flood, "mean")
     expected = _expected(losses, target, None, level, flood, "mean")
     assert raw.item() == 1.0
     torch.testing.assert_close((loss, raw, scale), expected, rtol=0, atol=0)
@@ -76,34 +100,38 @@ def test_epilogue_sign_is_zero_at_the_level(flood):
 
 
 @pytest.mark.parametrize("flood,reduction", FLOODS_AND_REDUCTIONS)
-def test_a_nan_loss_reaches_the_loss_and_its_rows_gradient(flood, reduction):
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_a_nan_loss_reaches_the_loss_and_its_rows_gradient(epilogue, flood, reduction):
     """The epilogue's sign at NaN is torch.sign's (0), as in the composition every other backend runs; the
     NaN still shows in the loss and in the gradient of the row it came from."""
     losses, target, weight = _row_losses(9, torch.float32, seed=4, ignore_fraction=0.0)
     losses[3] = float("nan")
     level = torch.tensor(1.0)
-    got = _epilogue(losses, target, weight, level, flood, reduction)
+    got = _epilogue(epilogue, losses, target, weight, level, flood, reduction)
     assert torch.isnan(got[0]) and torch.isnan(got[1])
     torch.testing.assert_close(got, _expected(losses, target, weight, level, flood, reduction), equal_nan=True)
-    x = random_logits(9, 7, "cpu").requires_grad_(True)
+    device, op = epilogue
+    x = random_logits(9, 7, device).requires_grad_(True)
     with torch.no_grad():
         x[3, 2] = float("nan")
-    loss = flooded_cross_entropy(x, target, weight=weight, flood=flood, reduction=reduction, flood_level=1.0,
-                                 backend="cpu")
+    loss = flooded_cross_entropy(x, target.to(device), weight=weight.to(device), flood=flood, reduction=reduction,
+                                 flood_level=1.0, backend="cpu" if op is ops.flood_epilogue.default else "triton")
     loss.backward()
     assert torch.isnan(loss) and torch.isnan(x.grad[3]).all()
 
 
 @pytest.mark.parametrize("flood,reduction", FLOODS_AND_REDUCTIONS)
 @pytest.mark.parametrize("n", [0, 4])
-def test_epilogue_all_rows_ignored_or_none(flood, reduction, n):
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_epilogue_all_rows_ignored_or_none(epilogue, flood, reduction, n):
     """Like PyTorch: a mean over no rows is 0 / 0 = NaN, a sum is 0 (then flooded)."""
     losses, target = torch.zeros(n), torch.full((n,), -100)
     level = torch.tensor(0.5)
-    got = _epilogue(losses, target, None, level, flood, reduction)
+    got = _epilogue(epilogue, losses, target, None, level, flood, reduction)
     torch.testing.assert_close(got, _expected(losses, target, None, level, flood, reduction), equal_nan=True)
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("weighted", [False, True])
 def test_mean_denominator(weighted):
     losses, target, weight = _row_losses(40, torch.float64, seed=5)
@@ -115,6 +143,7 @@ def test_mean_denominator(weighted):
         torch.testing.assert_close(got, mean_denominator(target, w, -100, dtype))
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("call,error,message", [
     (lambda l, t, w, b: ops.flood_epilogue(l, t, w, b, 3, True, -100), RuntimeError, "flood_mode"),
     (lambda l, t, w, b: ops.flood_epilogue(l, t, w, b.expand(5).clone(), 1, True, -100), RuntimeError,
@@ -133,6 +162,7 @@ def test_epilogue_errors_name_the_argument(call, error, message):
         call(losses, target, weight, torch.tensor(1.0))
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("flood,single_read", [("batch", False), ("individual", False), ("individual", True),
                                                (None, False), (None, True)])
 @pytest.mark.parametrize("mean", [True, False])
@@ -149,6 +179,7 @@ def test_ops_pass_opcheck(flood, single_read, mean):
     torch.library.opcheck(ops.mean_denominator.default, (target, weight, -100, torch.float32))
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("flood,reduction", FLOODS_AND_REDUCTIONS + [("individual", "none")])
 def test_the_cpu_backend_takes_one_autograd_node(flood, reduction):
     x = random_logits(5, 12, "cpu").requires_grad_(True)
@@ -156,6 +187,7 @@ def test_the_cpu_backend_takes_one_autograd_node(flood, reduction):
     assert ("FloodedLoss" in loss.grad_fn.name()) == (reduction != "none")
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("flood", ["batch", "individual", None])
 def test_inference_mode_runs_the_op_without_autograd(flood):
     x = random_logits(7, 30, "cpu")
@@ -167,6 +199,7 @@ def test_inference_mode_runs_the_op_without_autograd(flood):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@requires_fused_cpu
 @pytest.mark.parametrize("single_read", ["0", "1"])
 @pytest.mark.parametrize("flood", ["batch", "individual", None])
 def test_the_gradient_is_handed_over_without_a_copy(single_read, flood, monkeypatch):
@@ -177,3 +210,43 @@ def test_the_gradient_is_handed_over_without_a_copy(single_read, flood, monkeypa
     x.register_hook(lambda grad: seen.append(grad.data_ptr()))
     flooded_cross_entropy(x, random_target(16, 100, "cpu"), flood=flood, backend="cpu").backward()
     assert seen and x.grad.data_ptr() == seen[0]
+
+
+def _gpu_backend_cases():
+    device = TRITON_DEVICE
+    names = [b for b in available_backends(device) if b in ("triton", "cuda")]
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    return [pytest.param(device, name, id=f"{device}-{name}", marks=marks) for name in names]
+
+
+@pytest.mark.parametrize("device,backend", _gpu_backend_cases())
+@pytest.mark.parametrize("flood,reduction", FLOODS_AND_REDUCTIONS + [("individual", "none")])
+def test_gpu_backends_run_the_epilogue_as_one_op(device, backend, flood, reduction, monkeypatch):
+    """One autograd node for the reduction and flood (the Triton epilogue), on the two-pass and the
+    single-read path; reduction="none" keeps the per-row tensor ops."""
+    for single_read in ("0", "1"):
+        monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", single_read)
+        x = random_logits(5, 12, device).requires_grad_(True)
+        loss = flooded_cross_entropy(x, random_target(5, 12, device), flood=flood, reduction=reduction,
+                                     backend=backend)
+        takes_epilogue = reduction != "none" and (single_read == "0" or flood == "batch")
+        assert ("flood_epilogue" in loss.grad_fn.name()) == takes_epilogue, loss.grad_fn.name()
+
+
+@pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="needs Triton")
+@pytest.mark.parametrize("flood", ["batch", "individual", None])
+def test_triton_epilogue_passes_opcheck(flood):
+    losses, target, weight = _row_losses(40, torch.float32, seed=7)
+    level = torch.rand(40) * 3 if flood == "individual" else torch.tensor(1.5)
+    args = [t.to(TRITON_DEVICE) for t in (losses, target, weight, level)]
+    args[0].requires_grad_(True)
+    torch.library.opcheck(_ops.TRITON_OPS.flood_epilogue, (*args, FLOOD_MODES[flood], True, -100))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_epilogue_row_limit():
+    """Beyond one program's comfortable row count the GPU backends go back to the tensor ops."""
+    assert backends.epilogue_op("triton", 1 << 16) is not None
+    assert backends.epilogue_op("triton", (1 << 16) + 1) is None
+    assert backends.epilogue_op("reference", 10) is None
