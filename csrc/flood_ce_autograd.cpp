@@ -121,6 +121,7 @@ class FloodCrossEntropy : public torch::autograd::Function<FloodCrossEntropy> {
     ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
     o.save(ctx);
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // no zero tensor for lse's gradient
     return {losses, lse};
   }
 
@@ -165,6 +166,7 @@ class FloodedLoss : public torch::autograd::Function<FloodedLoss> {
     const RowOptions o{ignore_index, label_smoothing, z_loss, softcap, reverse_ce, reverse_ce_log_zero,
                        inplace_backward};
     ctx->saved_data["single_read"] = single_read;
+    ctx->set_materialize_grads(false);  // no zero tensor for raw's gradient
     if (single_read) {
       // Row i's gradient is grad_scale * sgn(l_i - b_i) (iFlood) or grad_scale (no flooding) times d l_i, known
       // inside the row: the kernel writes it after one read of the logits; batch flooding never gets here.

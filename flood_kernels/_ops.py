@@ -97,11 +97,13 @@ def _epilogue_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Ten
     _, raw, row_scale = output
     ctx.save_for_backward(row_scale)
     ctx.mark_non_differentiable(raw, row_scale)
+    ctx.set_materialize_grads(False)  # no zero tensors (launches) for the outputs without a gradient
 
 
-def _epilogue_backward(ctx: Any, grad_loss: Tensor, *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def _epilogue_backward(ctx: Any, grad_loss: Optional[Tensor], *unused: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     (row_scale,) = ctx.saved_tensors
-    return (row_scale * grad_loss.to(row_scale.dtype),) + (None,) * 6
+    grad_losses = None if grad_loss is None else row_scale * grad_loss.to(row_scale.dtype)
+    return (grad_losses,) + (None,) * 6
 
 
 def _writable_in_place(logits: Tensor) -> bool:
@@ -117,8 +119,12 @@ def _make_autograd(ops: KernelOps):
         ctx.scalars = tuple(scalars)
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero tensor (a launch) for lse's gradient
 
-    def backward(ctx: Any, grad_losses: Tensor, grad_lse: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad_losses: Optional[Tensor],
+                 grad_lse: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        if grad_losses is None:
+            return (None,) * (3 + len(ctx.scalars) + 1)
         logits, target, weight, lse = ctx.saved_tensors
         grad_losses = grad_losses.to(lse.dtype).contiguous()
         if ctx.inplace_backward and _writable_in_place(logits):

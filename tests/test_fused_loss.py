@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flood_kernels import _ops, available_backends, backends, flooded_cross_entropy
 from flood_kernels._flood import mean_denominator, reduce_and_flood
@@ -250,3 +251,53 @@ def test_epilogue_row_limit():
     assert backends.epilogue_op("triton", 1 << 16) is not None
     assert backends.epilogue_op("triton", (1 << 16) + 1) is None
     assert backends.epilogue_op("reference", 10) is None
+
+
+class _RecordOps(TorchDispatchMode):
+    """The ops that reach a backend (views and aliases excluded): on a GPU, each is a kernel launch."""
+
+    _VIEWS = ("view", "expand", "detach", "as_strided", "alias", "t", "reshape", "_unsafe_view")
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if not (name.startswith("aten::") and name.split("::")[1] in self._VIEWS):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(device, backend, flood):
+    x = random_logits(64, 300, device).requires_grad_(True)
+    target = random_target(64, 300, device, ignore_fraction=0.2)
+    with _RecordOps() as record:
+        flooded_cross_entropy(x, target, flood=flood, flood_level=0.5, backend=backend).backward()
+    return record.names
+
+
+@pytest.mark.parametrize("device,backend", _gpu_backend_cases())
+@pytest.mark.parametrize("flood", ["batch", "individual", None])
+def test_a_training_step_is_six_device_ops_on_gpu_backends(device, backend, flood, monkeypatch):
+    """The level, the row kernel, the epilogue; grad_output, its product with the saved scale, the gradient
+    kernel (it was 12 to 23 with the epilogue as tensor ops). A launch-bound classifier pays for each."""
+    monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "0")
+    names = _ops_per_step(device, backend, flood)
+    prefix = "flood_kernels::triton_" if backend == "triton" else "flood_kernels::"
+    assert names == ["aten::full", prefix + "forward", "flood_kernels::triton_flood_epilogue", "aten::ones_like",
+                     "aten::mul", prefix + "backward"], names
+
+
+@requires_fused_cpu
+@pytest.mark.parametrize("flood", ["batch", "individual", None])
+def test_a_training_step_is_a_few_ops_on_the_cpu_backend(flood, monkeypatch):
+    monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "0")
+    assert _ops_per_step("cpu", "cpu", flood) == [
+        "aten::full", "flood_kernels::forward", "flood_kernels::flood_epilogue", "aten::ones_like", "aten::mul",
+        "flood_kernels::backward"]
+    if flood != "batch":  # the single-read path: the gradient is written in forward
+        monkeypatch.setenv("FLOOD_KERNELS_SINGLE_READ", "1")
+        assert _ops_per_step("cpu", "cpu", flood) == [
+            "aten::full", "flood_kernels::mean_denominator", "aten::reciprocal", "flood_kernels::loss_and_grad",
+            "flood_kernels::flood_epilogue", "aten::ones_like", "flood_kernels::scale_grad_"]
