@@ -36,6 +36,33 @@ def test_options_match_reference(device, backend, option_set, flood, reduction):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+@pytest.mark.parametrize("v", [2, 5])
+def test_rows_narrower_than_a_vector(device, backend, option_set, v):
+    """A classifier's few classes (the CPU kernel's scalar path below one SIMD vector), with every option,
+    a NaN row and a row of -inf but its target: per-row losses and the iFlood gradient match the reference."""
+    n = 9
+    options = materialize(OPTION_SETS[option_set], v, device)
+    x = random_logits(n, v, device)
+    x[2, 1] = float("nan")
+    target = random_target(n, v, device, ignore_index=options.get("ignore_index", -100))
+    target[4] = (options.get("ignore_index", -100) + 1) % v
+    x[4] = float("-inf")
+    x[4, target[4]] = 0.5
+    levels = torch.rand(n, device=device) * 2
+    finite = [row for row in range(n) if row != 2]
+    for flood, reduction in (("individual", "none"), (None, "none")):
+        kwargs = dict(options, flood=flood, reduction=reduction, flood_level=levels if flood else 0.0)
+        loss, _, grad = loss_and_grad(x, target, -1.5, backend=backend, **kwargs)
+        ref_loss, _, ref_grad = reference64(x, target, -1.5, **kwargs)
+        assert_loss_close(loss[finite], ref_loss[finite])
+        assert_grad_close(grad[finite], ref_grad[finite], torch.float32)
+        ignored = bool(target[2] == options.get("ignore_index", -100))
+        assert torch.isnan(loss[2]) != ignored
+        assert torch.isnan(grad[2]).all() if not ignored else torch.equal(grad[2], torch.zeros_like(grad[2]))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 @pytest.mark.parametrize("grad_output", [1.0, -1.0, 1e4])
 def test_batch_flooding_flips_the_gradient_below_the_level(device, backend, grad_output):
     n, v = 8, 50

@@ -182,6 +182,7 @@ struct RowMath {
   // With `exps`, also keeps exp(z_c - shift_k) for every class and the shift of each chunk k, so that the
   // gradient can be had without a second exp (write_grad_from_exps).
   A lse_of(const T* x, A& smoothing_sum, A* exps = nullptr, A* chunk_shifts = nullptr) const {
+    if (V < W) return lse_of_narrow(x, smoothing_sum, exps, chunk_shifts);
     alignas(64) A buf[kChunk];
     const A neg_inf = -std::numeric_limits<A>::infinity();
     const bool use_buf = !std::is_same_v<T, A> || has_softcap;
@@ -269,6 +270,35 @@ struct RowMath {
       if (has_smoothing) smoothing_sum += reduce_sum(vsmooth);
     }
     return (running_max == neg_inf ? A(0) : running_max) + std::log(running_sum);
+  }
+
+  // lse_of for a row narrower than one vector (a classifier's few classes): the same math in scalar code,
+  // without the masked vector loads and lane reductions that would cost more than the row.
+  A lse_of_narrow(const T* x, A& smoothing_sum, A* exps, A* chunk_shifts) const {
+    const A neg_inf = -std::numeric_limits<A>::infinity();
+    A z[W];
+    A row_max = neg_inf;
+    smoothing_sum = A(0);
+    for (int64_t c = 0; c < V; ++c) {
+      A v = static_cast<A>(x[c]);
+      if (has_softcap) {
+        A th, dth;
+        stanh_with_derivative(v / softcap, th, dth);
+        v = softcap * th;
+      }
+      z[c] = v;
+      row_max = max_nan(row_max, v);
+      if (has_smoothing) smoothing_sum += weight ? weight[c] * v : v;
+    }
+    const A shift = row_max == neg_inf ? A(0) : row_max;
+    A sum = A(0);
+    for (int64_t c = 0; c < V; ++c) {
+      const A e = sexp(z[c] - shift);
+      if (exps != nullptr) exps[c] = e;
+      sum += e;
+    }
+    if (chunk_shifts != nullptr) chunk_shifts[0] = shift;
+    return shift + std::log(sum);
   }
 
   // l_i from the row's lse: 0 for ignore_index, NaN for a target outside [0, V).
