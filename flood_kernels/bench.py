@@ -82,9 +82,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_reps: int = 200,
+def time_ms(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_reps: int = 20000,
             warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    """Median wall time of ``fn`` in milliseconds (CUDA events on GPU, perf_counter on CPU), over as many calls
+    as fit in ``min_seconds`` (at least 3): a sub-millisecond call gets thousands of samples, so a burst of
+    background load on the host moves the median little."""
     for _ in range(warmup):
         fn()
     synchronize(device)
