@@ -47,7 +47,7 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
     (cd "$OUT/bench" && tar -cf plots.tar ./*.png && rm -f ./*.png) 2>/dev/null  # one file for the plots
     # Classification shapes are launch-bound: eager calls and CUDA-graph replays side by side.
     python3 -m flood_kernels.bench --shapes classification --phases descent,plain --modes fwd+bwd,graph \
-        --out "$OUT/cls" 2> /dev/null \
+        --min-seconds 0.1 --out "$OUT/cls" 2> /dev/null \
         | tail -40
     rm -f "$OUT"/cls/*.png
 fi
