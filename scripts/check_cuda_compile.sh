@@ -3,6 +3,7 @@
 # catches CUDA build breaks. Object files go to a temporary directory that is removed afterwards.
 #   scripts/check_cuda_compile.sh            # sm_80 and sm_90
 #   CUDA_HOME=/usr/local/cuda-13.0 ARCHS="80 90" scripts/check_cuda_compile.sh
+#   ARCHS=90 EXTRA_NVCC_FLAGS="-Xptxas -v" scripts/check_cuda_compile.sh   # registers / spills per kernel
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
@@ -43,7 +44,7 @@ for src in csrc/cuda/*.cu; do
   if ! "$NVCC" -c "$src" -o "$TMP/$(basename "$src").o" -std="$STD" --expt-relaxed-constexpr -O3 \
       -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DTORCH_API_INCLUDE_EXTENSION_H \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-      -D__CUDA_NO_HALF2_OPERATORS__ -Icsrc "${INCLUDES[@]}" "${STUB[@]}" "${GENCODE[@]}" -Werror all-warnings; then
+      -D__CUDA_NO_HALF2_OPERATORS__ -Icsrc "${INCLUDES[@]}" "${STUB[@]}" "${GENCODE[@]}" -Werror all-warnings ${EXTRA_NVCC_FLAGS:-}; then
     echo "FAILED: $src" >&2
     status=1
   fi
