@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,12 @@ SHAPE_SETS = {
             for v in (32000, 50257, 128256, 151936, 256000)],
     "classification": [(n, v, dtype) for dtype in ("float32", "bfloat16") for n in (128, 256, 1024)
                        for v in (10, 100, 1000, 21843)],
+    # The issues' done criteria, most important first (a time-budgeted run measures them before the rest).
+    "targets": [(16384, 128256, "bfloat16"), (16384, 32000, "bfloat16"), (16384, 256000, "bfloat16")],
 }
+# Implementations that write over their input logits (Liger computes the gradient in place in forward):
+# they get a copy, so the next implementation of the cell sees the same values.
+OVERWRITES_INPUT = frozenset({"liger"})
 
 
 @dataclass
@@ -203,17 +209,27 @@ def _captured(step: Callable[[], None], device: torch.device) -> Callable[[], No
     return graph.replay
 
 
-def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, phase: str, mode: str,
+def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``N(0, 4)`` and targets for one shape, drawn on the device from a seed of the shape (fresh,
+    never zeros; drawing N x V numbers on the host would cost more than the benchmark of the cell)."""
+    generator = torch.Generator(device=device).manual_seed(n * 7919 + v)
+    x = torch.randn(n, v, generator=generator, device=device, dtype=dtype).mul_(2)
+    target = torch.randint(0, v, (n,), generator=generator, device=device)
+    return x, target
+
+
+def run_case(name: str, loss_fn: Callable, x: torch.Tensor, target: torch.Tensor, phase: str, mode: str,
              device: torch.device, bandwidth: float, min_seconds: float) -> Record:
-    generator = torch.Generator().manual_seed(n * 7919 + v)
-    x = (torch.randn(n, v, generator=generator) * 2).to(device=device, dtype=dtype)
-    target = torch.randint(0, v, (n,), generator=generator).to(device)
+    """Time ``loss_fn`` on the logits ``x`` (left as they were: an implementation that overwrites its input
+    gets a copy) in one phase and mode; returns the cell's record."""
+    n, v = x.shape
+    if name in OVERWRITES_INPUT:
+        x = x.detach().clone()
     flood, level_of_v = PHASES[phase]
     level = level_of_v(v)
     backward = mode in ("fwd+bwd", "graph")
+    x.requires_grad_(backward)
     if backward:
-        x.requires_grad_(True)
-
         def step() -> None:
             x.grad = None
             loss_fn(x, target, flood, level).backward()
@@ -221,15 +237,18 @@ def run_case(name: str, loss_fn: Callable, n: int, v: int, dtype: torch.dtype, p
         def step() -> None:
             with torch.no_grad():
                 loss_fn(x, target, flood, level)
-    if mode == "graph":
-        step = _captured(step, device)
-    ms = time_ms(step, device, min_seconds=min_seconds)
-    peak = _peak_extra_mb(step, device)
+    try:
+        if mode == "graph":
+            step = _captured(step, device)
+        ms = time_ms(step, device, min_seconds=min_seconds)
+        peak = _peak_extra_mb(step, device)
+    finally:
+        x.grad = None  # the next implementation starts without this one's N x V gradient allocated
     logits_bytes = n * v * x.element_size()
     moved = 3 * logits_bytes if backward else logits_bytes
     floor_1r1w_ms = (2 if backward else 1) * logits_bytes / (bandwidth * 1e9) * 1e3
     floor_2r1w_ms = moved / (bandwidth * 1e9) * 1e3
-    return Record(name, n, v, str(dtype).replace("torch.", ""), phase, mode, ms, moved / (ms * 1e-3) / 1e9,
+    return Record(name, n, v, str(x.dtype).replace("torch.", ""), phase, mode, ms, moved / (ms * 1e-3) / 1e9,
                   100 * floor_1r1w_ms / ms, 100 * floor_2r1w_ms / ms, peak)
 
 
@@ -259,6 +278,34 @@ def markdown_table(records: Sequence[Record], bandwidth: float, device_name: str
             lines.append(f"| {r.n} | {r.v} | {r.dtype} | {r.phase} | {r.mode} | {r.implementation} | {r.ms:.3f} | "
                          f"{r.gbps:.0f} | {r.pct_floor_1r1w:.0f}% | {r.pct_floor_2r1w:.0f}% | {peak} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def pivot_table(records: Sequence[Record]) -> str:
+    """One row per cell, one column per implementation (median ms), then the best flood_kernels time's share
+    of the two byte floors: the short form of :func:`markdown_table`."""
+    if not records:
+        return "(no cell measured)\n"
+    names = list(dict.fromkeys(r.implementation for r in records))
+    names.sort(key=lambda name: not name.startswith("flood_kernels"))  # ours first, each group in run order
+    by_cell: Dict[Tuple, Dict[str, Record]] = {}
+    for r in records:
+        by_cell.setdefault((r.n, r.v, r.dtype, r.phase, r.mode), {})[r.implementation] = r
+    lines = ["| N x V, dtype | phase | pass | " + " | ".join(names) + " | best ours: % of 1R+1W / 2R+1W |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    for (n, v, dtype, phase, mode), impls in by_cell.items():
+        ours = [r for name, r in impls.items() if name.startswith("flood_kernels")]
+        best = min(ours, key=lambda r: r.ms) if ours else None
+        cells = [f"{impls[name].ms:.3f}" if name in impls else "" for name in names]
+        floors = f"{best.pct_floor_1r1w:.0f}% / {best.pct_floor_2r1w:.0f}%" if best else "-"
+        lines.append(f"| {n} x {v}, {dtype} | {phase} | {mode} | " + " | ".join(cells) + f" | {floors} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_results(out_dir: str) -> Tuple[Dict[str, object], List[Record]]:
+    """The meta and records of a results.json written by :func:`write_results`."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        data = json.load(f)
+    return data["meta"], [Record(**record) for record in data["records"]]
 
 
 def plot(records: Sequence[Record], out_dir: str) -> List[str]:
@@ -294,32 +341,109 @@ def plot(records: Sequence[Record], out_dir: str) -> List[str]:
 
 
 def _progress(done: int, total: int, label: str) -> None:
+    """A progress bar on a terminal; one line per cell in a log."""
     width = 30
     filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}"
+    sys.stderr.write(f"\r{line}" if sys.stderr.isatty() else f"{line.rstrip()}\n")
     sys.stderr.flush()
+
+
+def parse_shapes(spec: str) -> List[Tuple[int, int, str]]:
+    """A comma list of shape-set names and ``NxV:dtype`` shapes (e.g. ``targets,256x1000:float32``), in order."""
+    shapes: List[Tuple[int, int, str]] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item in SHAPE_SETS:
+            shapes += SHAPE_SETS[item]
+            continue
+        try:
+            size, dtype = item.split(":")
+            n, v = (int(number) for number in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: {item!r} is neither a shape set ({', '.join(sorted(SHAPE_SETS))}) "
+                             "nor NxV:dtype") from None
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or n < 1 or v < 1:
+            raise ValueError(f"--shapes: {item!r} needs N, V >= 1 and a torch dtype name such as bfloat16")
+        shapes.append((n, v, dtype))
+    return shapes
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def write_results(out_dir: str, meta: Dict[str, object], records: Sequence[Record], bandwidth: float,
+                  device_name: str) -> str:
+    """results.json and results.md (replaced whole, so a run stopped at any point leaves readable files);
+    returns the table."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(records, bandwidth, device_name)
+    if meta.get("cells_not_run"):
+        table += (f"\n{meta['cells_not_run']} of {meta['cells']} cells not run (--time-budget, or the run was "
+                  "stopped or is still going).\n")
+    for name, text in (("results.json", json.dumps({"meta": meta, "records": [asdict(r) for r in records]},
+                                                   indent=1)),
+                       ("results.md", f"`{meta['command']}` (torch {meta['torch']}, triton {meta.get('triton')}, "
+                                      f"commit {meta.get('commit')})\n\n" + pivot_table(records) + "\n" + table)):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=None, choices=sorted(SHAPE_SETS),
-                        help="shape set (default: 'quick' on GPU, 'cpu' on CPU)")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma list of shape sets ({', '.join(sorted(SHAPE_SETS))}) and NxV:dtype shapes, "
+                             "measured in that order (default: 'quick' on GPU, 'cpu' on CPU)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     parser.add_argument("--modes", default="fwd+bwd",
                         help="comma list of fwd+bwd, fwd, graph (fwd+bwd replayed from a CUDA graph)")
     parser.add_argument("--only", default=None, help="comma list of implementation names to run")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
     parser.add_argument("--min-seconds", type=float, default=None, help="timing budget per cell")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run: no cell starts after it (the results so far are "
+                             "written after every cell, so a run stopped early keeps them too)")
     parser.add_argument("--out", default="bench_out", help="directory for results.json / results.md / PNGs")
+    parser.add_argument("--summarize", metavar="DIR", help="print the short table of DIR/results.json and exit")
+    parser.add_argument("--replot", metavar="DIR",
+                        help="rewrite DIR/results.md and draw the plots from DIR/results.json, and exit")
     args = parser.parse_args(argv)
+    started = time.monotonic()
+    if args.summarize or args.replot:
+        meta, records = read_results(args.summarize or args.replot)
+        if args.summarize:
+            print(f"{meta['device']}, copy {meta['copy_bandwidth_gbps']:.0f} GB/s, {meta['command']}")
+            print(pivot_table(records))
+        else:
+            write_results(args.replot, meta, records, float(meta["copy_bandwidth_gbps"]), str(meta["device"]))
+            print(f"wrote {args.replot}/results.md and {len(plot(records, args.replot))} plot(s)")
+        return 0
 
     device = torch.device(args.device)
     if "graph" in args.modes.split(",") and device.type != "cuda":
         parser.error("--modes graph needs a CUDA device")
+    try:
+        shapes = parse_shapes(args.shapes or ("quick" if device.type == "cuda" else "cpu"))
+    except ValueError as error:
+        parser.error(str(error))
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    shapes = SHAPE_SETS[args.shapes or ("quick" if device.type == "cuda" else "cpu")]
     min_seconds = args.min_seconds if args.min_seconds is not None else (0.3 if device.type == "cuda" else 2.0)
     impls = implementations(device, with_compile=not args.no_compile)
     if args.only:
@@ -328,36 +452,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bandwidth = copy_bandwidth_gbps(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    cells = [(shape, phase, mode) for shape in shapes for phase in args.phases.split(",")
-             for mode in args.modes.split(",") if _fits(shape[0], shape[1], getattr(torch, shape[2]), device)]
+    too_large = [shape for shape in shapes if not _fits(shape[0], shape[1], getattr(torch, shape[2]), device)]
+    if too_large:
+        sys.stderr.write(f"not run, too large for this device: {too_large}\n")
+    shapes = [shape for shape in shapes if shape not in too_large]
+    cells = [(phase, mode) for phase in args.phases.split(",") for mode in args.modes.split(",")]
+    total = len(shapes) * sum(runs_in_phase(name, phase) for phase, _ in cells for name in impls)
+    meta: Dict[str, object] = {
+        "device": device_name, "copy_bandwidth_gbps": bandwidth, "torch": torch.__version__,
+        "triton": _triton_version(), "commit": _git_commit(), "cells": total, "cells_not_run": 0,
+        "command": "python -m flood_kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     records: List[Record] = []
-    total = sum(runs_in_phase(name, phase) for _, phase, _ in cells for name in impls)
-    for (n, v, dtype_name), phase, mode in cells:
-        for name, fn in impls.items():
-            if not runs_in_phase(name, phase):
-                continue
-            _progress(len(records), total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
-            try:
-                records.append(run_case(name, fn, n, v, getattr(torch, dtype_name), phase, mode, device, bandwidth,
-                                        min_seconds))
-            except torch.OutOfMemoryError:
-                total -= 1
-                torch.cuda.empty_cache()
-            except RuntimeError as error:
-                if mode != "graph":
-                    raise
-                total -= 1  # not capturable (host synchronization, dynamic allocation): skipped, and said
-                sys.stderr.write(f"\n{name}: not capturable in a CUDA graph ({str(error).splitlines()[0][:120]})\n")
-    _progress(total, total, "done")
+    attempted = 0
+    for n, v, dtype_name in shapes:
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            break
+        # A fresh torch.compile cache per shape: dynamo's recompile limit would otherwise turn later shapes
+        # into eager runs without saying so.
+        torch._dynamo.reset()
+        x, target = make_inputs(n, v, getattr(torch, dtype_name), device)
+        for phase, mode in cells:
+            for name, fn in impls.items():
+                if not runs_in_phase(name, phase):
+                    continue
+                if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+                    break
+                _progress(attempted, total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
+                attempted += 1
+                try:
+                    records.append(run_case(name, fn, x, target, phase, mode, device, bandwidth, min_seconds))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    sys.stderr.write(f"\n{name} N={n} V={v} {dtype_name}: out of memory, skipped\n")
+                    continue
+                except RuntimeError as error:
+                    if mode != "graph":
+                        raise
+                    # not capturable (host synchronization, dynamic allocation): skipped, and said
+                    sys.stderr.write(f"\n{name}: not capturable in a CUDA graph ({str(error).splitlines()[0][:120]})\n")
+                    continue
+                meta["cells_not_run"] = total - len(records)
+                write_results(args.out, meta, records, bandwidth, device_name)
+        del x, target
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _progress(attempted, total, "done")
     sys.stderr.write("\n")
-    os.makedirs(args.out, exist_ok=True)
-    meta = {"device": device_name, "copy_bandwidth_gbps": bandwidth, "torch": torch.__version__,
-            "command": "python -m flood_kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "records": [asdict(r) for r in records]}, f, indent=1)
-    table = markdown_table(records, bandwidth, device_name)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"`{meta['command']}` (torch {torch.__version__})\n\n" + table)
+    meta["cells_not_run"] = total - len(records)
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    table = write_results(args.out, meta, records, bandwidth, device_name)
     plots = plot(records, args.out)
     print(table)
     print(f"wrote {args.out}/results.json, results.md" + (f" and {len(plots)} plot(s)" if plots else ""))

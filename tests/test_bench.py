@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from flood_kernels import available_backends, bench
 
@@ -34,9 +35,51 @@ def test_bench_writes_json_and_table(tmp_path, capsys):
         assert r["gbps"] == pytest.approx(passes * logits_bytes / (r["ms"] * 1e-3) / 1e9)
         assert r["pct_floor_2r1w"] == pytest.approx(100 * r["gbps"] / bandwidth)
         assert r["pct_floor_1r1w"] == pytest.approx(r["pct_floor_2r1w"] * (2 / 3 if passes == 3 else 1))
+    assert results["meta"]["cells"] == len(records) and results["meta"]["cells_not_run"] == 0
     table = (out / "results.md").read_text()
-    assert table.count("\n| ") == len(records) + 1  # header + one row per record
+    short, full = table.split("Device: ")
+    assert full.count("\n| ") == len(records) + 1  # header + one row per record
+    assert short.count("\n| ") == len(cells) + 1  # the pivot: header + one row per cell
     assert "copy bandwidth" in capsys.readouterr().out
+    assert bench.main(["--summarize", str(out)]) == 0
+    assert capsys.readouterr().out.count("\n| ") == len(cells) + 1
+
+
+def test_time_budget_keeps_what_was_measured(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--device", "cpu", "--shapes", "smoke", "--no-compile", "--min-seconds", "0",
+                       "--phases", "descent", "--time-budget", "0", "--out", str(out)]) == 0
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["cells"] > 0 and meta["cells_not_run"] == meta["cells"]
+    assert "cells not run" in (out / "results.md").read_text()
+
+
+def test_shapes_are_sets_and_explicit_shapes_in_order():
+    assert bench.parse_shapes("smoke,3x5:bfloat16") == bench.SHAPE_SETS["smoke"] + [(3, 5, "bfloat16")]
+    for bad in ("3x:float32", "3x5", "3x5:float33", "0x5:float32", "nonsense"):
+        with pytest.raises(ValueError, match="--shapes"):
+            bench.parse_shapes(bad)
+
+
+def test_an_implementation_that_overwrites_its_input_gets_a_copy():
+    x, target = bench.make_inputs(8, 16, torch.float32, torch.device("cpu"))
+    before = x.clone()
+
+    def overwrites(logits, target, flood, level):
+        with torch.no_grad():
+            logits.mul_(-1.0)  # what Liger's forward does: its gradient written over the logits
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    (name,) = bench.OVERWRITES_INPUT
+    bench.run_case(name, overwrites, x, target, "descent", "fwd+bwd", torch.device("cpu"), 1.0, 0.0)
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
+
+
+def test_a_cell_does_not_leave_its_gradient_allocated():
+    x, target = bench.make_inputs(8, 16, torch.float32, torch.device("cpu"))
+    bench.run_case("eager", bench.implementations(torch.device("cpu"), with_compile=False)["eager"], x, target,
+                   "descent", "fwd+bwd", torch.device("cpu"), 1.0, 0.0)
+    assert x.requires_grad and x.grad is None  # the next implementation starts without this N x V buffer
 
 
 def test_graph_mode_needs_cuda(tmp_path):
