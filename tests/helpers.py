@@ -14,19 +14,20 @@ from flood_kernels import flooded_cross_entropy
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def kernel_cases() -> List[Any]:
-    """Every kernel backend (not the reference) usable here, as pytest params ``(device, backend)``."""
+def backend_cases(with_reference: bool = False) -> List[Any]:
+    """Every kernel backend usable here (and the reference, if asked), as pytest params ``(device, backend)``;
+    the CUDA ones are marked ``gpu``."""
     cases = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for backend in flood_kernels.available_backends(device):
-            if backend != "reference":
+            if backend != "reference" or with_reference:
                 marks = [pytest.mark.gpu] if device == "cuda" else []
                 cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return cases
 
 
-KERNEL_CASES = kernel_cases()
+KERNEL_CASES = backend_cases()
 
 
 def random_logits(n: int, v: int, device: str, dtype: torch.dtype = torch.float32, scale: float = 3.0,

@@ -13,7 +13,7 @@ from torch import nn
 import flood_kernels
 from flood_kernels import FloodedCrossEntropyLoss, available_backends, flooded_cross_entropy
 
-from helpers import random_logits, random_target
+from helpers import backend_cases, random_logits, random_target
 
 
 def _inputs(n=6, v=10):
@@ -111,13 +111,23 @@ def test_available_backends_and_explicit_choice():
     torch.testing.assert_close(auto, reference)
 
 
-@pytest.mark.parametrize("backend,compiler", [(b, "aot_eager") for b in available_backends("cpu")]
-                         + [("auto", "inductor")])
-def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, compiler):
+def _compile_cases():
+    """(device, backend, compiler): every backend through AOT autograd, and "auto" through inductor."""
+    cases = []
+    for case in backend_cases(with_reference=True):
+        device, backend = case.values
+        cases.append(pytest.param(device, backend, "aot_eager", id=f"{case.id}-aot_eager", marks=case.marks))
+        if backend == "reference":  # every device has it: "auto" once per device
+            cases.append(pytest.param(device, "auto", "inductor", id=f"{device}-auto-inductor", marks=case.marks))
+    return cases
+
+
+@pytest.mark.parametrize("device,backend,compiler", _compile_cases())
+def test_torch_compile_fullgraph_without_recompiling_for_new_levels(device, backend, compiler):
     """AOT autograd traces the ops through their fakes; a new level value in the tensor never recompiles."""
     torch._dynamo.reset()
-    model = nn.Linear(8, 20)
-    level = torch.tensor(0.0)
+    model = nn.Linear(8, 20).to(device)
+    level = torch.tensor(0.0, device=device)
     counter = CompileCounterWithBackend(compiler)
 
     @torch.compile(fullgraph=True, backend=counter)
@@ -129,8 +139,8 @@ def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, com
         total = flooded_cross_entropy(model(h), target, flood=None, reduction="sum", backend=backend)
         return loss, raw, per_sample, total
 
-    h = torch.randn(16, 8)
-    target = random_target(16, 20, "cpu", ignore_fraction=0.2)
+    h = torch.randn(16, 8, device=device)
+    target = random_target(16, 20, device, ignore_fraction=0.2)
     for value in (0.0, 50.0):
         level.fill_(value)
         model.zero_grad()
@@ -150,8 +160,8 @@ def test_torch_compile_fullgraph_without_recompiling_for_new_levels(backend, com
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends("cpu")])
-def test_torch_compile_dynamic_batch_size_compiles_once(backend):
+@pytest.mark.parametrize("device,backend", backend_cases(with_reference=True))
+def test_torch_compile_dynamic_batch_size_compiles_once(device, backend):
     """Under dynamic shapes nothing in the op stack specializes on N (a new batch size never recompiles)."""
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -162,9 +172,9 @@ def test_torch_compile_dynamic_batch_size_compiles_once(backend):
 
     frames = []
     for n in (8, 16, 33):
-        x = random_logits(n, 40, "cpu").requires_grad_(True)
-        target = random_target(n, 40, "cpu")
-        loss = loss_fn(x * 1.0, target, torch.tensor(1.5))
+        x = random_logits(n, 40, device).requires_grad_(True)
+        target = random_target(n, 40, device)
+        loss = loss_fn(x * 1.0, target, torch.tensor(1.5, device=device))
         loss.backward()
         expected = (F.cross_entropy(x.detach(), target) - 1.5).abs() + 1.5
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_si
 
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def CUDA(test):
+    """A GPU test: marked ``gpu`` (benchmarks/gpu_session.sh runs ``-m gpu``), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 # Option sets; "levels" stands for per-sample flood levels, "weights" for random class weights. With logits
 # of a few units the mean loss J is about 2-4: level 0 floods below J (descent), 50 above (ascent), 2.4 splits
