@@ -72,7 +72,7 @@ if has tests; then
     t0=$(date +%s)
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     # -v: one line per test as it ends, so a deadline still leaves a record of what passed.
-    timeout "$(allow 170 370)" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider $parallel tests/ \
+    FLOOD_KERNELS_EXPECT_BACKENDS="cuda:triton,cuda" timeout "$(allow 170 370)" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider $parallel tests/ \
         > "$OUT/tests.log" 2>&1
     say "tests (exit $?; 124 = deadline): $(grep -E ' in [0-9.]+s' "$OUT/tests.log" | tail -1); $(elapsed "$t0") s"
 fi

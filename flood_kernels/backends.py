@@ -81,9 +81,9 @@ def _usable_backends(device_type: str) -> Tuple[str, ...]:
 
 def _find_usable_backends(device_type: str) -> Tuple[str, ...]:
     usable = {"reference"}
-    if _ops.TRITON_OPS is not None and (
-        (device_type == "cuda" and torch.cuda.is_available()) or (device_type == "cpu" and _triton_interpreter_on())
-    ):
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return ("reference",)  # a CUDA build of the extension, but no GPU to run its kernels on
+    if _ops.TRITON_OPS is not None and (device_type == "cuda" or (device_type == "cpu" and _triton_interpreter_on())):
         usable.add("triton")
     if device_type in _EXTENSION_DEVICE_TYPES:
         usable.add(device_type)

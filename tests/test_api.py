@@ -96,6 +96,19 @@ def test_return_raw():
     torch.testing.assert_close(loss, 100.0 - raw)
 
 
+@pytest.mark.gpu  # selected with the GPU tests (gpu_session.sh runs -m gpu); skipped where nothing is expected
+def test_expected_backends_are_built():
+    """FLOOD_KERNELS_EXPECT_BACKENDS="cuda:triton,cuda" (what benchmarks/gpu_session.sh sets) turns a backend
+    that failed to build or load, whose test cases would otherwise just not be generated, into a failure."""
+    expected = os.environ.get("FLOOD_KERNELS_EXPECT_BACKENDS")
+    if not expected:
+        pytest.skip("FLOOD_KERNELS_EXPECT_BACKENDS is not set")
+    for item in expected.split(";"):
+        device, names = item.split(":")
+        missing = set(names.split(",")) - set(available_backends(device))
+        assert not missing, f"backends {sorted(missing)} are not available for {device} tensors"
+
+
 def test_available_backends_and_explicit_choice():
     cpu = available_backends("cpu")
     assert cpu[-1] != "auto" and "reference" in cpu
