@@ -17,12 +17,16 @@ from ._ops import FLOOD_MODES
 
 
 def mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """PyTorch's "mean" denominator: the summed class weight (or the count) of the non-ignored rows."""
+    """PyTorch's "mean" denominator: the summed class weight (or the count) of the non-ignored rows.
+
+    A target outside ``[0, V)`` reads no weight (on GPU an out-of-bounds gather would be a device assert that
+    ends the process's CUDA context; a negative one would wrap): its row's loss is NaN, and so is the mean."""
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=dtype)
-    safe_target = torch.where(valid, target, 0)
-    return torch.where(valid, weight.to(dtype)[safe_target], 0.0).sum()
+    in_range = valid & (target >= 0) & (target < weight.shape[0])
+    safe_target = torch.where(in_range, target, 0)
+    return torch.where(in_range, weight.to(dtype)[safe_target], 0.0).sum()
 
 
 def flood(loss: Tensor, level: Tensor) -> Tensor:

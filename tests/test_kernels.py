@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from flood_kernels import FloodedCrossEntropyLoss, flooded_cross_entropy
+from flood_kernels._flood import mean_denominator
+from flood_kernels._inputs import LossOptions
+from flood_kernels.functional import flooded_cross_entropy_with_options
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
                      random_logits, random_target, reference64, requires_cuda, row_term_scale)
@@ -297,6 +300,26 @@ def test_out_of_range_target(device, backend):
     else:
         per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
         assert torch.isnan(per_row[1]) and torch.isfinite(per_row[[0, 2]]).all()
+        # With class weights the "mean" denominator gathers weight[target]: every path must give NaN, not a
+        # device assert (which would end this process's CUDA context) or a wrapped negative index.
+        weight = torch.rand(10, device=device) + 0.5
+        for bad in (10, -3):
+            target[1] = bad
+            for single_read in (True, False):
+                for flood in ("batch", "individual", None):
+                    loss = flooded_cross_entropy_with_options(x, target, LossOptions(flood=flood), 0.5, weight,
+                                                              backend, single_read=single_read)[0]
+                    assert torch.isnan(loss), (bad, single_read, flood)
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)]
+                                             if torch.cuda.is_available() else []))
+def test_mean_denominator_reads_no_weight_for_out_of_range_targets(device):
+    weight = torch.tensor([1.0, 2.0, 4.0], device=device)
+    target = torch.tensor([0, 3, -100, -1, 2, 7], device=device)
+    denominator = mean_denominator(target, weight, -100, torch.float32)
+    assert denominator.item() == 5.0  # rows with targets 0 and 2; ignored and out-of-range rows read nothing
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
