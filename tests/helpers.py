@@ -72,8 +72,10 @@ def assert_loss_close(actual: Tensor, expected: Tensor, rtol: float = 1e-5) -> N
 
 def row_term_scale(x: Tensor, target: Tensor, grad_output: float = 1.0, **kwargs: Any) -> float:
     """The size of the terms a logit's gradient is a difference of: ``max_i |d loss / d l_i|`` (grad_output,
-    flood sign, denominator) times the largest class weight. With ``p_y`` near 1 (V = 1, or a confident row)
-    the gradient ``a p_y - b`` cancels to far below this, and fp32 leaves an error of a few ulps of it."""
+    flood sign, denominator) times the largest coefficient of ``p`` in ``d l_i / d z``: the class weight, plus
+    ``2 z_loss |lse|`` (z-loss) and ``reverse_ce * -reverse_ce_log_zero`` (reverse CE, whose ``p_y (p - e_y)``
+    is up to 1). With ``p_y`` near 1 (V = 1, or a confident row) the gradient ``a p_y - b`` cancels to far below
+    this, and fp32 leaves an error of a few ulps of it (GPU exp and division round differently again)."""
     from flood_kernels._flood import reduce_and_flood
     from flood_kernels._inputs import LossOptions
     from flood_kernels.reference import row_losses
@@ -88,7 +90,12 @@ def row_term_scale(x: Tensor, target: Tensor, grad_output: float = 1.0, **kwargs
     loss, _ = reduce_and_flood(losses, target, weight64, options.ignore_index, options.reduction, options.flood,
                                level64.to(losses.device))
     (scale,) = torch.autograd.grad((loss * grad_output).sum(), losses)
-    return scale.abs().max().item() * (weight.max().item() if weight is not None else 1.0)
+    capped = x.double() if options.softcap is None else options.softcap * torch.tanh(x.double() / options.softcap)
+    lse = torch.logsumexp(capped, dim=-1)
+    lse_max = lse[torch.isfinite(lse)].abs().max().item() if torch.isfinite(lse).any() else 0.0
+    coefficient = ((weight.max().item() if weight is not None else 1.0) + 2 * options.z_loss * lse_max
+                   + options.reverse_ce * -options.reverse_ce_log_zero)
+    return scale.abs().max().item() * coefficient
 
 
 def assert_grad_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, term_scale: float = 0.0) -> None:

@@ -59,7 +59,9 @@ def test_rows_narrower_than_a_vector(device, backend, option_set, v):
         loss, _, grad = loss_and_grad(x, target, -1.5, backend=backend, **kwargs)
         ref_loss, _, ref_grad = reference64(x, target, -1.5, **kwargs)
         assert_loss_close(loss[finite], ref_loss[finite])
-        assert_grad_close(grad[finite], ref_grad[finite], torch.float32)
+        finite_kwargs = dict(kwargs, flood_level=levels[finite] if flood else 0.0)
+        term_scale = row_term_scale(x[finite], target[finite], -1.5, **finite_kwargs)
+        assert_grad_close(grad[finite], ref_grad[finite], torch.float32, term_scale=term_scale)
         ignored = bool(target[2] == options.get("ignore_index", -100))
         assert torch.isnan(loss[2]) != ignored
         assert torch.isnan(grad[2]).all() if not ignored else torch.equal(grad[2], torch.zeros_like(grad[2]))
@@ -226,6 +228,23 @@ def test_masked_prefix_then_very_negative_logits(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_nan_in_a_masked_leading_block_propagates(device, backend):
+    """A NaN among -inf logits, with finite logits only in later blocks (V past two blocks): the running max
+    skips the NaN (maxnum on GPU), so only the running sum carries it, and the rescale at the first finite
+    block must keep it, not reset an 'empty' sum to 0."""
+    for dtype in (torch.float32, torch.bfloat16):
+        n, v = 3, 16500
+        x = random_logits(n, v, device, dtype=dtype)
+        x[:, :8300] = float("-inf")
+        x[0, 10] = float("nan")
+        target = torch.randint(8300, v, (n,), device=device)
+        per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
+        assert torch.isnan(per_row[0]) and torch.isfinite(per_row[1:]).all(), (dtype, per_row)
+        loss, _, grad = loss_and_grad(x, target, backend=backend, flood_level=0.1)
+        assert torch.isnan(loss) and torch.isnan(grad[0]).all(), dtype
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_strided_and_multidimensional_inputs(device, backend):
     n, v = 6, 45
     wide = random_logits(n, v + 19, device)
@@ -303,6 +322,7 @@ def test_out_of_range_target(device, backend):
         # With class weights the "mean" denominator gathers weight[target]: every path must give NaN, not a
         # device assert (which would end this process's CUDA context) or a wrapped negative index.
         weight = torch.rand(10, device=device) + 0.5
+        x.requires_grad_(True)  # the single-read path serves only a loss that will be differentiated
         for bad in (10, -3):
             target[1] = bad
             for single_read in (True, False):
@@ -477,10 +497,10 @@ def test_64bit_offsets(backend):
     torch.testing.assert_close(per_row[rows].double(), ref, rtol=1e-5, atol=1e-5)
     grad_losses = torch.zeros(n, device="cuda")
     grad_losses[rows] = 1.0
+    x64 = x[rows].double().requires_grad_(True)  # before the in-place backward writes the gradient over x
     x.requires_grad_(True)
     per_row = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend, inplace_backward=True)
     per_row.backward(grad_losses)
-    x64 = x.detach()[rows].double().requires_grad_(True)
     torch.nn.functional.cross_entropy(x64, target[rows], reduction="sum").backward()
     assert_grad_close(x.grad[rows], x64.grad, torch.bfloat16)
 

@@ -78,9 +78,11 @@ def _row_stats(
         z = tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
-        # nor rescale its zero sum by an overflowing exp(0 - new_shift).
+        # nor rescale its zero sum by an overflowing exp(0 - new_shift). That sum is kept as it is, not reset:
+        # the max skips NaN (maxnum), so a NaN among the prefix's -inf lives only in the sum.
         new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-        rescaled_sum = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_shift - new_shift))
+        rescaled_sum = tl.where(running_max == float("-inf"), running_sum,
+                                running_sum * tl.exp(running_shift - new_shift))
         running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
         running_max = new_max
         running_shift = new_shift
