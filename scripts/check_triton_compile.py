@@ -109,26 +109,26 @@ def check_epilogue(archs) -> list:
     failures = []
     kernel = epilogue._flood_epilogue_kernel
     for arch in archs:
-        for acc, mode, mean, has_weight in itertools.product(("fp32", "fp64"), (0, 1, 2), (False, True),
-                                                             (False, True)):
+        for acc, mode, mean, has_weight, (block, num_warps) in itertools.product(
+                ("fp32", "fp64"), (0, 1, 2), (False, True), (False, True), (epilogue._SMALL, epilogue._LARGE)):
             signature = {"loss_ptr": f"*{acc}", "raw_ptr": f"*{acc}", "row_scale_ptr": f"*{acc}",
                          "losses_ptr": f"*{acc}", "target_ptr": "*i64", "weight_ptr": f"*{acc}",
                          "level_ptr": f"*{acc}", "level_stride": "i32", "n_rows": "i32", "n_classes": "i32",
                          "ignore_index": "i32"}
-            constexprs = {"FLOOD_MODE": mode, "MEAN": mean, "HAS_WEIGHT": has_weight, "BLOCK": epilogue._BLOCK}
+            constexprs = {"FLOOD_MODE": mode, "MEAN": mean, "HAS_WEIGHT": has_weight, "BLOCK": block}
             names = list(signature) + list(constexprs)
             src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
                             constexprs={(names.index(n),): value for n, value in constexprs.items()})
-            label = f"epilogue {acc} sm_{arch} mode={mode} mean={mean} weight={has_weight}"
+            label = f"epilogue {acc} sm_{arch} mode={mode} mean={mean} weight={has_weight} block={block}"
             try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
             except Exception as error:  # any compiler error is the finding
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
             usage = resource_usage(compiled)
             if usage.get("LOCAL", 0) + usage.get("STACK", 0):
                 failures.append(f"{label}: local memory (spills)")
-    print(f"epilogue kernel: {2 * 3 * 2 * 2} variants per arch compiled, {len(failures)} failure(s)")
+    print(f"epilogue kernel: {2 * 3 * 2 * 2 * 2} variants per arch compiled, {len(failures)} failure(s)")
     return failures
 
 

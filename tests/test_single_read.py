@@ -194,6 +194,22 @@ def test_scale_grad_skips_the_pass_at_one(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+def test_scale_grad_covers_more_blocks_than_programs(device, backend):
+    """The Triton kernel runs a few programs per SM that stride over the blocks: a gradient of more blocks than
+    programs (and a ragged last block) is scaled everywhere, once (by -2: exact in every dtype and rounding)."""
+    from flood_kernels.triton import cross_entropy as triton_ce
+
+    ops = backends.kernel_ops(backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        block, _ = triton_ce._launch_config(1 << 30, torch.tensor([], dtype=dtype).element_size())
+        n_elements = 2 * triton_ce._resident_programs(torch.device(device)) * block + 1234
+        grad = torch.randn(n_elements, device=device).to(dtype)
+        expected = grad * -2.0
+        ops.scale_grad_(grad, torch.tensor(-2.0, device=device))
+        assert torch.equal(grad, expected), dtype
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_ops_pass_opcheck(device, backend):
     ops = backends.kernel_ops(backend)
     n, v = 5, 37

@@ -318,13 +318,18 @@ def _loss_and_grad_kernel(
 
 @triton.jit
 def _scale_grad_kernel(grad_ptr, grad_output_ptr, n_elements, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """``grad *= grad_output`` over one block, unless grad_output is exactly 1: then no memory is touched."""
+    """``grad *= grad_output``, the programs striding over the blocks, unless grad_output is exactly 1: then
+    each program reads that one scalar and no gradient memory is touched (a few programs per SM, not one per
+    block, so that the skip costs a launch and not a wave of programs per 16 KB)."""
     scale = tl.load(grad_output_ptr).to(ACC_DTYPE)
     if scale != 1.0:
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n_elements
-        grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC_DTYPE)
-        tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        stride = tl.num_programs(0).to(tl.int64) * BLOCK
+        for block_start in range(first, n_elements, stride):
+            offsets = block_start + tl.arange(0, BLOCK)
+            mask = offsets < n_elements
+            grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC_DTYPE)
+            tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_classes: int, element_size: int) -> Tuple[int, int]:
@@ -332,6 +337,19 @@ def _launch_config(n_classes: int, element_size: int) -> Tuple[int, int]:
     block = min(triton.next_power_of_2(n_classes), 16384 // element_size)
     num_warps = max(1, min(16, block * element_size // 512))
     return block, num_warps
+
+
+_PROGRAMS_PER_SM = 4  # 512-thread programs: 4 fill an SM's 2048 threads
+_SM_COUNTS: dict = {}
+
+
+def _resident_programs(device: torch.device) -> int:
+    """How many 512-thread programs the device runs at once (a fixed 64 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 64
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS_PER_SM * _SM_COUNTS[device]
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -483,8 +501,9 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     if n_elements == 0:
         return
     block, num_warps = _launch_config(n_elements, grad.element_size())
+    programs = min(triton.cdiv(n_elements, block), _resident_programs(grad.device))
     with _on_device(grad):
-        _scale_grad_kernel[(triton.cdiv(n_elements, block),)](
+        _scale_grad_kernel[(programs,)](
             grad, grad_output, n_elements,
             ACC_DTYPE=_acc_dtype(grad.dtype),
             BLOCK=block,

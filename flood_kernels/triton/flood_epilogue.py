@@ -7,9 +7,10 @@ graph), which for a classifier's loss (N = 256, V = 1000: 1 MB of logits, ~1 us 
 the step. This kernel replaces them with one launch forward; backward is one multiply by the saved scale.
 
 One program walks the rows twice (sums, then the per-row scale): ``~24 N`` bytes (losses, int64 targets, the
-scale out), which one SM moves in a few microseconds up to the 65536 rows flood_kernels.backends sends here;
-beyond that the tensor ops' grid-wide reductions are faster and their launches are noise next to the N x V
-kernels.
+scale out). Its time is the latency of its block iterations, not bandwidth: a classifier's rows fit one
+iteration of 4 warps; past 1024 rows, 16 warps take 4096 rows an iteration (16 per pass at the 65536 rows
+flood_kernels.backends sends here, tens of microseconds by estimate, not yet measured); beyond that the tensor
+ops' grid-wide reductions are faster and their launches are noise next to the N x V kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import Tensor
 
 from .cross_entropy import _on_device
 
-_BLOCK = 1024
+# (rows per block iteration, warps): one iteration of 4 warps for up to 1024 rows, else 4096 rows and 16 warps.
+_SMALL, _LARGE = (1024, 4), (4096, 16)
 
 
 @triton.jit
@@ -100,6 +102,7 @@ def flood_epilogue(losses: Tensor, target: Tensor, weight: Optional[Tensor], flo
     contiguous int64; ``weight`` ``(V,)`` or None; ``flood_level`` 0-d, or ``(N,)`` with flood_mode 2.
     """
     n_rows = losses.shape[0]
+    block, num_warps = _SMALL if n_rows <= _SMALL[0] else _LARGE
     with _on_device(losses):
         _flood_epilogue_kernel[(1,)](
             loss, raw, row_scale,
@@ -109,6 +112,6 @@ def flood_epilogue(losses: Tensor, target: Tensor, weight: Optional[Tensor], flo
             FLOOD_MODE=flood_mode,
             MEAN=mean,
             HAS_WEIGHT=weight is not None,
-            BLOCK=_BLOCK,
-            num_warps=4,
+            BLOCK=block,
+            num_warps=num_warps,
         )
