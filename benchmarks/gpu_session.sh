@@ -47,7 +47,7 @@ backends() { python3 -c "import flood_kernels as f; print(' '.join(f.available_b
 if has build; then
     t0=$(date +%s)
     rm -f flood_kernels/_C*.so
-    sources_hash="$(find csrc setup.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
+    sources_hash="$(bash scripts/sources_hash.sh)"
     if [ -f .gpu_build/_C.abi3.so ] && [ "$(cut -d' ' -f1 .gpu_build/stamp 2>/dev/null)" = "$sources_hash" ]; then
         cp .gpu_build/_C.abi3.so flood_kernels/_C.abi3.so
         if [[ " $(backends) " == *" cuda "* ]]; then

@@ -31,7 +31,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$repo_root/.gpu_build"
 cp "$work/flood_kernels/_C.abi3.so" "$repo_root/.gpu_build/_C.abi3.so"
 # The stamp: which sources (their hash, as gpu_session.sh computes it) and which torch it was built for.
-sources_hash="$(cd "$work" && find csrc setup.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
+sources_hash="$(bash "$repo_root/scripts/sources_hash.sh" "$work")"
 "$PY" -c "import torch; print('$sources_hash', 'torch', torch.__version__, 'archs $TORCH_CUDA_ARCH_LIST')" \
     > "$repo_root/.gpu_build/stamp"
 ls -la "$repo_root/.gpu_build"
