@@ -391,8 +391,8 @@ def write_results(out_dir: str, meta: Dict[str, object], records: Sequence[Recor
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(records, bandwidth, device_name)
     if meta.get("cells_not_run"):
-        table += (f"\n{meta['cells_not_run']} of {meta['cells']} cells not run (--time-budget, or the run was "
-                  "stopped or is still going).\n")
+        table += (f"\n{meta['cells_not_run']} of {meta['cells']} cells not measured (--time-budget, skipped as "
+                  "out of memory or not capturable, or the run was stopped or is still going).\n")
     for name, text in (("results.json", json.dumps({"meta": meta, "records": [asdict(r) for r in records]},
                                                    indent=1)),
                        ("results.md", f"`{meta['command']}` (torch {meta['torch']}, triton {meta.get('triton')}, "
@@ -456,43 +456,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if too_large:
         sys.stderr.write(f"not run, too large for this device: {too_large}\n")
     shapes = [shape for shape in shapes if shape not in too_large]
-    cells = [(phase, mode) for phase in args.phases.split(",") for mode in args.modes.split(",")]
-    total = len(shapes) * sum(runs_in_phase(name, phase) for phase, _ in cells for name in impls)
+    # What runs for each shape, in order: the (phase, mode, implementation) cells.
+    runs = [(phase, mode, name, fn) for phase in args.phases.split(",") for mode in args.modes.split(",")
+            for name, fn in impls.items() if runs_in_phase(name, phase)]
+    total = len(shapes) * len(runs)
     meta: Dict[str, object] = {
         "device": device_name, "copy_bandwidth_gbps": bandwidth, "torch": torch.__version__,
         "triton": _triton_version(), "commit": _git_commit(), "cells": total, "cells_not_run": 0,
         "command": "python -m flood_kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     records: List[Record] = []
     attempted = 0
+
+    def out_of_time() -> bool:
+        return args.time_budget is not None and time.monotonic() - started > args.time_budget
+
     for n, v, dtype_name in shapes:
-        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+        if out_of_time():
             break
         # A fresh torch.compile cache per shape: dynamo's recompile limit would otherwise turn later shapes
         # into eager runs without saying so.
         torch._dynamo.reset()
         x, target = make_inputs(n, v, getattr(torch, dtype_name), device)
-        for phase, mode in cells:
-            for name, fn in impls.items():
-                if not runs_in_phase(name, phase):
-                    continue
-                if args.time_budget is not None and time.monotonic() - started > args.time_budget:
-                    break
-                _progress(attempted, total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
-                attempted += 1
-                try:
-                    records.append(run_case(name, fn, x, target, phase, mode, device, bandwidth, min_seconds))
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    sys.stderr.write(f"\n{name} N={n} V={v} {dtype_name}: out of memory, skipped\n")
-                    continue
-                except RuntimeError as error:
-                    if mode != "graph":
-                        raise
-                    # not capturable (host synchronization, dynamic allocation): skipped, and said
-                    sys.stderr.write(f"\n{name}: not capturable in a CUDA graph ({str(error).splitlines()[0][:120]})\n")
-                    continue
-                meta["cells_not_run"] = total - len(records)
-                write_results(args.out, meta, records, bandwidth, device_name)
+        for phase, mode, name, fn in runs:
+            if out_of_time():
+                break
+            _progress(attempted, total, f"{name} N={n} V={v} {dtype_name} {phase} {mode}")
+            attempted += 1
+            try:
+                records.append(run_case(name, fn, x, target, phase, mode, device, bandwidth, min_seconds))
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                sys.stderr.write(f"\n{name} N={n} V={v} {dtype_name}: out of memory, skipped\n")
+                continue
+            except RuntimeError as error:
+                if mode != "graph":
+                    raise
+                # not capturable (host synchronization, dynamic allocation): skipped, and said
+                sys.stderr.write(f"\n{name}: not capturable in a CUDA graph ({str(error).splitlines()[0][:120]})\n")
+                continue
+            meta["cells_not_run"] = total - len(records)
+            write_results(args.out, meta, records, bandwidth, device_name)
         del x, target
         if device.type == "cuda":
             torch.cuda.empty_cache()

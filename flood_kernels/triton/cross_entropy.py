@@ -340,16 +340,14 @@ def _launch_config(n_classes: int, element_size: int) -> Tuple[int, int]:
 
 
 _PROGRAMS_PER_SM = 4  # 512-thread programs: 4 fill an SM's 2048 threads
-_SM_COUNTS: dict = {}
 
 
 def _resident_programs(device: torch.device) -> int:
-    """How many 512-thread programs the device runs at once (a fixed 64 for the CPU interpreter)."""
+    """How many 512-thread programs the device runs at once (a fixed 64 for the CPU interpreter); torch keeps
+    the device properties, so this reads no device state."""
     if device.type != "cuda":
         return 64
-    if device not in _SM_COUNTS:
-        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _PROGRAMS_PER_SM * _SM_COUNTS[device]
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _acc_dtype(dtype: torch.dtype):
