@@ -11,11 +11,10 @@ import flood_kernels
 from flood_kernels import flooded_cross_entropy
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
+from helpers import requires_cuda
+
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
-def CUDA(test):
-    """A GPU test: marked ``gpu`` (benchmarks/gpu_session.sh runs ``-m gpu``), skipped without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 # Option sets; "levels" stands for per-sample flood levels, "weights" for random class weights. With logits
 # of a few units the mean loss J is about 2-4: level 0 floods below J (descent), 50 above (ascent), 2.4 splits
@@ -354,7 +353,8 @@ def to_cuda(tensors):
     return [t.detach().cuda().requires_grad_(t.requires_grad) if t.is_floating_point() else t.cuda() for t in tensors]
 
 
-@CUDA
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["batch", "iflood-levels", "iflood-none", "everything"])
 def test_cuda_triton_bfloat16(case):
     rows, d, v = 1000, 256, 32000
@@ -366,7 +366,8 @@ def test_cuda_triton_bfloat16(case):
     assert_matches(h, w, b, y, grad_output, rtol=2e-2, atol=2e-3, backend="triton", chunk_size=384, options=options)
 
 
-@CUDA
+@requires_cuda
+@pytest.mark.gpu
 def test_cuda_peak_memory_stays_below_the_logits():
     rows, d, v = 4096, 512, 32000
     h, w, b, y = to_cuda(make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16))
@@ -381,7 +382,8 @@ def test_cuda_peak_memory_stays_below_the_logits():
     assert extra - gradients_bytes < logits_bytes / 2
 
 
-@CUDA
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["batch", "iflood", "plain-none"])
 def test_cuda_no_host_synchronization(case):
     """Chunking, the row factors and the backward's scale stay on the device (sync debug mode raises on any
