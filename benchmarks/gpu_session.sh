@@ -15,7 +15,7 @@
 #             next to the one-liners, torch.compile and the carried peers; no cell starts after its deadline
 #   linear    the fused linear + flooded CE suite (benchmarks/test_bench_linear.py) with its peers
 #   memcheck  compute-sanitizer memcheck over the CUDA backend's kernel tests (every option, V from 1 to
-#             524288, strided, in-place, the single-read path)
+#             524288, strided, in-place, the single-read path and its cluster sizes)
 # What comes back (8 files at most): gpu.txt (device, versions, one line per step), tests.log, bench.log (the
 # benchmarks' stderr), cls/results.json, bench/results.json (written after every cell: a deadline keeps what
 # was measured), linear.json (pytest-benchmark), memcheck.log and build.log when they failed.
@@ -104,7 +104,7 @@ if has memcheck && command -v compute-sanitizer >/dev/null 2>&1; then
     # Without the caching allocator every tensor is its own allocation, so an access past its end is caught.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(allow 75)" compute-sanitizer --tool memcheck \
         --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_single_read.py \
-        -k "cuda-cuda and (options_match or narrower or vocabulary or strided or inplace or single_row)" \
+        -k "cuda-cuda and (options_match or narrower or vocabulary or strided or inplace or single_row or cluster_boundaries)" \
         > "$OUT/memcheck.log" 2>&1
     code=$?
     say "memcheck (exit $code: 0 = clean, 9 = errors, 124 = deadline): $(grep -E 'ERROR SUMMARY| in [0-9.]+s' \

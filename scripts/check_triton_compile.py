@@ -3,7 +3,8 @@
 The Triton interpreter, which the test suite uses without a GPU, accepts code that the real compiler
 rejects and says nothing about speed. This compiles every kernel variant (each dtype, each combination of
 the compile-time switches) for sm_90 (and sm_80) with the launch configuration the launcher would pick at
-V = 128256, as a launch with 16-byte aligned rows would specialize it, and reads the result:
+V = 128256 (loss_and_grad also at the largest V it keeps in registers, its row-resident variant), as a
+launch with 16-byte aligned rows would specialize it, and reads the result:
 
 * the compilation must succeed;
 * no local memory (register spills or stack) in the resource usage that cuobjdump reports;
@@ -74,12 +75,34 @@ def scale_grad_signature(dtype: str):
     return {"grad_ptr": f"*{dtype}", "grad_output_ptr": f"*{ACC.get(dtype, 'fp32')}", "n_elements": "i64"}
 
 
-def compile_variant(kernel, signature, switches, dtype: str, arch: int, v: int = V):
-    """Compile one variant as a launch at ``v`` classes (elements, for scale_grad) would specialize it;
-    returns the compiled kernel."""
-    block, num_warps = ce._launch_config(v, DTYPES[dtype].itemsize)
+def blocked_config(v: int, dtype: torch.dtype, switches: dict):
+    """(block, num_warps, other constexprs) of the forward, backward and scale_grad launchers."""
+    return (*ce._launch_config(v, dtype.itemsize), {})
+
+
+def loss_and_grad_config(v: int, dtype: torch.dtype, switches: dict):
+    """(block, num_warps, other constexprs) of the loss_and_grad launcher: row-resident or not, as it picks."""
+    row_resident, block, num_warps = ce._loss_and_grad_config(v, dtype, switches["HAS_SOFTCAP"])
+    return block, num_warps, {"ROW_RESIDENT": row_resident}
+
+
+def only_v(dtype: str, switches: dict):
+    """The Vs to compile a variant at: V alone."""
+    return (V,)
+
+
+def v_and_largest_resident_v(dtype: str, switches: dict):
+    """V, and the largest V that loss_and_grad keeps in registers (its registers grow with V)."""
+    return V, ce._resident_classes(DTYPES[dtype], switches["HAS_SOFTCAP"])
+
+
+def compile_variant(kernel, signature, switches, dtype: str, arch: int, config, v: int = V):
+    """Compile one variant as a launch at ``v`` classes (elements, for scale_grad) with ``config``'s launch
+    configuration would specialize it; returns the compiled kernel."""
+    block, num_warps, launch_constexprs = config(v, DTYPES[dtype], switches)
     block_name = "BLOCK_V" if "BLOCK_V" in kernel.arg_names else "BLOCK"
-    constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **{block_name: block})
+    constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **{block_name: block},
+                      **launch_constexprs)
     names = list(signature) + list(constexprs)
     full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
     sizes = ("n_classes", "n_elements")
@@ -101,6 +124,32 @@ def resource_usage(compiled) -> dict:
         report = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
                                 check=True).stdout
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+
+
+def check_variant(name, kernel, signature, switches, dtype: str, arch: int, config, v: int) -> list:
+    """Compile one variant, print its table row; returns the failures (errors, spills, no 16-byte accesses)."""
+    on = ",".join(n.removeprefix("HAS_").lower() for n, value in switches.items() if value) or "-"
+    label = f"{name} {dtype} V={v} sm_{arch} [{on}]"
+    start = time.perf_counter()
+    try:
+        compiled = compile_variant(kernel, signature(dtype), switches, dtype, arch, config, v)
+    except Exception as error:  # any compiler error is the finding
+        print(f"| {name} | {dtype} | {v} | {arch} | {on} | FAILED | | | | |")
+        return [f"{label}: {type(error).__name__}: {error}"]
+    usage = resource_usage(compiled)
+    ptx = compiled.asm["ptx"]
+    vector_accesses = bool(re.search(r"ld\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
+    if name != "forward":
+        vector_accesses &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
+    local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+    print(f"| {name} | {dtype} | {v} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "
+          f"{'yes' if vector_accesses else 'NO'} | {time.perf_counter() - start:.1f} |")
+    failures = []
+    if local:
+        failures.append(f"{label}: {local} bytes of local memory (spills)")
+    if not vector_accesses:
+        failures.append(f"{label}: no 16-byte vector loads / stores of the rows")
+    return failures
 
 
 def check_epilogue(archs) -> list:
@@ -137,51 +186,36 @@ def main() -> int:
     parser.add_argument("--archs", default="90,80", help="comma list of compute capabilities")
     parser.add_argument("--quick", action="store_true", help="only the all-off and all-on switch combinations")
     args = parser.parse_args()
+    # (name, kernel, signature, switches, launch configuration, the Vs of a variant)
     kernels = [
-        ("forward", ce._forward_kernel, forward_signature, ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")),
+        ("forward", ce._forward_kernel, forward_signature, ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"),
+         blocked_config, only_v),
         ("backward", ce._backward_kernel, backward_signature,
-         ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE")),
+         ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE"), blocked_config, only_v),
         ("loss_and_grad", ce._loss_and_grad_kernel, loss_and_grad_signature,
-         ("FLOOD_ROWS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE")),
-        ("scale_grad", ce._scale_grad_kernel, scale_grad_signature, ()),
+         ("FLOOD_ROWS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP", "HAS_REVERSE_CE"), loss_and_grad_config,
+         v_and_largest_resident_v),
+        ("scale_grad", ce._scale_grad_kernel, scale_grad_signature, (), blocked_config, only_v),
     ]
     failures = []
-    print(f"triton {triton.__version__}; V = {V}; aligned rows; launch config from the launcher")
-    print("| kernel | dtype | sm | switches on | regs | shared B | local B | 16-byte accesses | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"triton {triton.__version__}; aligned rows; launch config from the launcher")
+    print("| kernel | dtype | V | sm | switches on | regs | shared B | local B | 16-byte accesses | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in (int(a) for a in args.archs.split(",")):
-        for name, kernel, signature, switch_names in kernels:
+        for name, kernel, signature, switch_names, config, vocabularies in kernels:
             combos = list(itertools.product((False, True), repeat=len(switch_names)))
             if args.quick:
                 combos = list(dict.fromkeys([combos[0], combos[-1]]))
             for dtype, combo in itertools.product(DTYPES, combos):
                 switches = dict(zip(switch_names, combo))
-                on = ",".join(n.removeprefix("HAS_").lower() for n, v in switches.items() if v) or "-"
-                start = time.perf_counter()
-                try:
-                    compiled = compile_variant(kernel, signature(dtype), switches, dtype, arch)
-                except Exception as error:  # any compiler error is the finding
-                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: {type(error).__name__}: {error}")
-                    print(f"| {name} | {dtype} | {arch} | {on} | FAILED | | | | |")
-                    continue
-                usage = resource_usage(compiled)
-                ptx = compiled.asm["ptx"]
-                vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
-                if name != "forward":
-                    vector_loads &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
-                local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-                print(f"| {name} | {dtype} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "
-                      f"{'yes' if vector_loads else 'NO'} | {time.perf_counter() - start:.1f} |")
-                if local:
-                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: {local} bytes of local memory (spills)")
-                if not vector_loads:
-                    failures.append(f"{name} {dtype} sm_{arch} [{on}]: no 16-byte vector loads / stores of the rows")
+                for v in vocabularies(dtype, switches):
+                    failures += check_variant(name, kernel, signature, switches, dtype, arch, config, v)
     # Small vocabularies (classification): other block sizes and warp counts, unaligned rows; must compile.
-    for name, kernel, signature, switch_names in kernels:
+    for name, kernel, signature, switch_names, config, _ in kernels:
         for v, dtype in itertools.product((1, 10, 1000), ("fp32", "bf16")):
             switches = dict.fromkeys(switch_names, True)
             try:
-                compile_variant(kernel, signature(dtype), switches, dtype, 90, v)
+                compile_variant(kernel, signature(dtype), switches, dtype, 90, config, v)
             except Exception as error:
                 failures.append(f"{name} {dtype} sm_90 V={v}: {type(error).__name__}: {error}")
     failures += check_epilogue(int(a) for a in args.archs.split(","))

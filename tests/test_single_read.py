@@ -11,7 +11,7 @@ from flood_kernels._inputs import LossOptions
 from flood_kernels.functional import flooded_cross_entropy_with_options
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, materialize, random_logits,
-                     random_target, reference64, requires_cuda)
+                     random_target, reference64, requires_cuda, row_term_scale)
 
 CASES = [case for case in KERNEL_CASES if backends.has_single_read(case.values[1])]
 pytestmark = pytest.mark.skipif(not CASES, reason="no backend with a single-read path usable here")
@@ -243,10 +243,12 @@ def test_compiles_without_graph_breaks(device, backend, flood):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-def test_masked_classes_and_infinite_logits(device, backend):
-    """-inf classes over several chunks of the row give the reference's finite values; +inf gives NaN rows,
-    as the two-pass path does."""
-    n, v = 4, 9000
+@pytest.mark.parametrize("v", [9000, 20000])
+def test_masked_classes_and_infinite_logits(device, backend, v):
+    """-inf classes over several chunks of the row give the reference's finite values; +inf, or a NaN among
+    the -inf, gives NaN rows, as the two-pass path does. Triton: a row kept in registers (9000) and one read
+    in blocks (20000)."""
+    n = 4
     x = random_logits(n, v, device)
     x[:, : v - 40] = float("-inf")
     x[1, 5000:5010] = -120.0  # after a fully masked chunk: exp underflows, must not rescale 0 by inf
@@ -258,9 +260,10 @@ def test_masked_classes_and_infinite_logits(device, backend):
     assert_loss_close(loss, ref_loss)
     assert_grad_close(grad, ref_grad.float(), torch.float32)
     x[3, v - 1] = float("inf")
+    x[2, 10] = float("nan")
     _, _, grad = run(x, target, True, backend, **kwargs)
     _, _, grad2 = run(x, target, False, backend, **kwargs)
-    assert torch.isnan(grad[3]).all() and torch.isfinite(grad[:3]).all()
+    assert torch.isnan(grad[2:]).all() and torch.isfinite(grad[:2]).all()
     torch.testing.assert_close(grad, grad2, equal_nan=True, rtol=1e-5, atol=1e-8)
 
 
@@ -277,6 +280,89 @@ def test_vocabulary_sizes(device, backend, v):
         ref_loss, _, ref_grad = reference64(x, target, **kwargs)
         assert_loss_close(loss, ref_loss)
         assert_grad_close(grad, ref_grad.to(dtype), dtype)
+
+
+# (logits dtype, softcap, the most classes whose row Triton's loss_and_grad keeps in registers), written out
+# so that a change of the budget shows here.
+RESIDENT_LIMITS = [(torch.float32, False, 16384), (torch.bfloat16, False, 16384), (torch.float16, False, 16384),
+                   (torch.float64, False, 8192), (torch.float32, True, 8192), (torch.bfloat16, True, 8192),
+                   (torch.float16, True, 8192), (torch.float64, True, 4096)]
+
+
+@pytest.mark.parametrize("dtype,softcap,limit", RESIDENT_LIMITS)
+def test_triton_keeps_rows_up_to_the_register_budget(dtype, softcap, limit):
+    """The configuration loss_and_grad launches with: the whole padded row in one block up to the budget, with
+    at most 128 bytes of accumulators per thread, and the blocked online kernel past it."""
+    triton = pytest.importorskip("triton")
+    from flood_kernels.triton import cross_entropy as triton_ce
+
+    accumulator_size = 8 if dtype == torch.float64 else 4
+    for v in (1, 67, limit // 2 + 1, limit):
+        row_resident, block, num_warps = triton_ce._loss_and_grad_config(v, dtype, softcap)
+        assert row_resident and block == triton.next_power_of_2(v) and 1 <= num_warps <= 16, v
+        assert block // (32 * num_warps) * accumulator_size <= 128, v
+    for v in (limit + 1, 300000):
+        row_resident, block, num_warps = triton_ce._loss_and_grad_config(v, dtype, softcap)
+        assert not row_resident and (block, num_warps) == triton_ce._launch_config(v, dtype.itemsize), v
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("v,option_set", [(16384, "weight+smoothing"), (16385, "weight+smoothing"),
+                                          (8192, "everything"), (8193, "everything")])
+def test_sizes_at_the_register_budget(device, backend, v, option_set):
+    """The largest row Triton keeps in registers for fp32 and bf16 (without softcap, and with it) and one class
+    more, which goes through the online kernel, against the reference; an ignored row's gradient is zero."""
+    n = 3
+    for dtype in (torch.float32, torch.bfloat16):
+        options = dict(materialize(OPTION_SETS[option_set], v, device), z_loss=1e-3)
+        x = random_logits(n, v, device, dtype=dtype)
+        target = random_target(n, v, device)
+        target[1] = options.get("ignore_index", -100)
+        kwargs = dict(options, flood="individual", flood_level=4.0)
+        loss, _, grad = run(x, target, True, backend, **kwargs)
+        ref_loss, _, ref_grad = reference64(x, target, **kwargs)
+        assert_loss_close(loss, ref_loss)
+        assert_grad_close(grad, ref_grad.to(dtype), dtype)
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("device,backend", [case for case in CASES if case.values[0] == "cuda"])
+@pytest.mark.parametrize("dtype,v", [
+    (torch.float32, 16384), (torch.float32, 16385), (torch.float32, 40001), (torch.float32, 131072),
+    (torch.float32, 131073), (torch.bfloat16, 32769), (torch.bfloat16, 128256), (torch.bfloat16, 256000),
+    (torch.bfloat16, 262145),
+])
+@pytest.mark.parametrize("strided", [False, True])
+def test_resident_rows_at_cluster_boundaries(device, backend, dtype, v, strided):
+    """The CUDA single-read kernel holds a row in the registers of one block (512 threads x 8 packs of 16 bytes:
+    16384 fp32 / 32768 bf16 classes), or on sm_90 of a cluster of 2, 4 or 8 blocks that exchange their totals
+    through distributed shared memory, and re-reads longer rows: V at and just past those sizes, odd V (rows not
+    16-byte aligned), rows of a wider tensor (the gradient's alignment differs from the logits'), every option,
+    ignored rows and per-sample levels on both sides of l_i; against the reference and the two-pass path."""
+    n = 5
+    options = materialize(OPTION_SETS["everything"], v, device)
+    weight = options.pop("weight")
+    level = torch.tensor([0.0, 30.0, 4.0, 0.0, 30.0], device=device)
+    wide = random_logits(n, v + 3 if strided else v, device, dtype=dtype)
+    target = random_target(n, v, device, ignore_fraction=0.2, ignore_index=options["ignore_index"])
+    losses, grads = [], []
+    for single_read in (True, False):
+        leaf = wide.detach().clone().requires_grad_(True)
+        loss, _ = flooded_cross_entropy_with_options(
+            leaf[:, -v:], target, LossOptions(flood="individual", **options), level, weight, backend,
+            single_read=single_read)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(leaf.grad[:, -v:])
+    x = wide[:, -v:]
+    ref_loss, _, ref_grad = reference64(x, target, flood="individual", flood_level=level, weight=weight, **options)
+    assert_loss_close(losses[0], ref_loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    term_scale = row_term_scale(x, target, flood="individual", flood_level=level, weight=weight, **options)
+    assert_grad_close(grads[0], ref_grad.to(dtype), dtype, term_scale)
+    assert_grad_close(grads[0], grads[1].double(), dtype, term_scale)
 
 
 @requires_cuda

@@ -1,15 +1,17 @@
 // CUDA kernels of flood_kernels._C (TORCH_LIBRARY_IMPL CUDA): the per-row fused cross-entropy forward
-// (one read of the logits), backward (one read + one write) and loss_and_grad (both in one kernel: the
-// statistics pass reads the row from memory, the gradient pass re-reads it from L2, one write), and scale_grad_
-// (grad *= grad_output unless it is 1, tested on the device), mirroring csrc/cpu/flood_ce_kernel.h and
-// flood_kernels/triton/cross_entropy.py. The three row kernels share their device code: row_partials +
-// warp_reduce / store_warp_totals / reduce_warp_totals + lse_of + row_loss (the statistics and l_i) and
-// grad_row (the gradient).
+// (one read of the logits), backward (one read + one write), loss_and_grad (both in one kernel, one read + one
+// write) and scale_grad_ (grad *= grad_output unless it is 1, tested on the device), mirroring
+// csrc/cpu/flood_ce_kernel.h and flood_kernels/triton/cross_entropy.py. The row kernels share their device code:
+// add_pack / add_scalars + warp_reduce / store_warp_totals / reduce_warp_totals + lse_of + row_loss (the statistics
+// and l_i), row_scale (the flood sign) and RowGradient (the gradient).
 //
 // Layout: a warp per row when V <= 1024 (kWarpRows rows per block), otherwise a block per row. Each thread
 // streams its part of the row with 16-byte vector loads (after a scalar head that aligns the row; scalar tail),
 // keeps an online (max, sum-exp) pair in fp32 (fp64 for fp64 input), then warp shuffles + shared memory
 // combine the pairs. Row offsets are 64-bit. Out-of-range targets give NaN (no host sync, no device assert).
+// loss_and_grad past V = 1024 holds the row in registers from its read to its gradient's write (a block; on sm_90
+// a thread-block cluster of up to 8 blocks that exchange their totals through distributed shared memory: bf16 rows
+// up to 262144 classes, fp32 up to 131072); longer rows re-read the row for the gradient (from L2 at best).
 
 #include "../flood_ce.h"
 
@@ -21,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cooperative_groups.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -175,6 +178,38 @@ __device__ __forceinline__ void warp_reduce(MaxSum<A>& st, A& smooth) {
 
 // ---- row statistics (the forward's pass; also the first pass of loss_and_grad) -------------------------
 
+// Adds one (capped) logit z of class col to a thread's statistics: the online (max, sum-exp) pair st and, with
+// SMOOTHING, smooth += w_col z (z without weights).
+template <bool SMOOTHING, typename A>
+__device__ __forceinline__ void add_logits(MaxSum<A>& st, A& smooth, const A* z, int n, const A* weight, int64_t col) {
+  add_values(st, z, n);
+  if constexpr (SMOOTHING) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) smooth += weight ? weight[col + i] * z[i] : z[i];
+  }
+}
+
+// add_logits for one 16-byte pack of raw logits whose first element is class col.
+template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
+__device__ __forceinline__ void add_pack(MaxSum<A>& st, A& smooth, const Pack<T>& pack, const A* weight, A softcap,
+                                         int64_t col) {
+  A z[Pack<T>::kSize];
+#pragma unroll
+  for (int i = 0; i < Pack<T>::kSize; ++i) z[i] = capped<A, SOFTCAP>(static_cast<A>(pack.v[i]), softcap);
+  add_logits<SMOOTHING>(st, smooth, z, Pack<T>::kSize, weight, col);
+}
+
+// add_logits for the classes [begin, end) of the row x that are this thread's (begin + tid, begin + tid + nthreads, ...),
+// one at a time: the scalar head and tail around a row's 16-byte packs.
+template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
+__device__ __forceinline__ void add_scalars(MaxSum<A>& st, A& smooth, const T* x, int64_t begin, int64_t end,
+                                            const A* weight, A softcap, int tid, int nthreads) {
+  for (int64_t c = begin + tid; c < end; c += nthreads) {
+    const A z = capped<A, SOFTCAP>(static_cast<A>(x[c]), softcap);
+    add_logits<SMOOTHING>(st, smooth, &z, 1, weight, c);
+  }
+}
+
 // Adds this thread's part of the row to its statistics (st = {-inf, 0} and smooth = 0 to start): the online
 // (max, sum-exp) of the (capped) logits and, with SMOOTHING, sum_c w_c z_c (sum_c z_c without weights), over the
 // classes tid, tid + nthreads, ... (16-byte packs after the scalar head that aligns x, then a scalar tail).
@@ -182,18 +217,10 @@ template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
 __device__ __forceinline__ void row_partials(const T* x, const A* weight, int64_t V, A softcap, int tid, int nthreads,
                                              MaxSum<A>& st, A& smooth) {
   constexpr int kVec = Pack<T>::kSize;
-  auto smooth_add = [&](A z, int64_t col) {
-    if constexpr (SMOOTHING) smooth += weight ? weight[col] * z : z;
-  };
-
   const int64_t head = head_elements<T>(x, V);
   const int64_t n_vec = (V - head) / kVec;
   const int64_t tail = head + n_vec * kVec;
-  for (int64_t c = tid; c < head; c += nthreads) {
-    const A z = capped<A, SOFTCAP>(static_cast<A>(x[c]), softcap);
-    add_values(st, &z, 1);
-    smooth_add(z, c);
-  }
+  add_scalars<T, SOFTCAP, SMOOTHING>(st, smooth, x, 0, head, weight, softcap, tid, nthreads);
   const T* xv = x + head;
   for (int64_t k0 = tid; k0 < n_vec; k0 += static_cast<int64_t>(nthreads) * kUnroll) {
     Pack<T> packs[kUnroll];
@@ -205,22 +232,10 @@ __device__ __forceinline__ void row_partials(const T* x, const A* weight, int64_
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u) * nthreads;
-      if (k < n_vec) {
-        A z[kVec];
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          z[i] = capped<A, SOFTCAP>(static_cast<A>(packs[u].v[i]), softcap);
-          smooth_add(z[i], head + k * kVec + i);
-        }
-        add_values(st, z, kVec);
-      }
+      if (k < n_vec) add_pack<T, SOFTCAP, SMOOTHING>(st, smooth, packs[u], weight, softcap, head + k * kVec);
     }
   }
-  for (int64_t c = tail + tid; c < V; c += nthreads) {
-    const A z = capped<A, SOFTCAP>(static_cast<A>(x[c]), softcap);
-    add_values(st, &z, 1);
-    smooth_add(z, c);
-  }
+  add_scalars<T, SOFTCAP, SMOOTHING>(st, smooth, x, tail, V, weight, softcap, tid, nthreads);
 }
 
 // Block layout: the warps' totals in shared memory (three __shared__ arrays of kWarp). Each kernel's row body
@@ -236,6 +251,7 @@ template <int BODY, typename T, bool SOFTCAP, bool SMOOTHING>
 struct RowBody {};
 constexpr int kForwardBody = 0;
 constexpr int kLossAndGradBody = 1;
+constexpr int kResidentBody = 2;
 
 template <typename Body, typename A>
 __device__ __forceinline__ WarpTotals<A> warp_totals() {
@@ -302,6 +318,69 @@ __device__ __forceinline__ A row_loss(const KernelParams& p, const T* x, const A
 
 // ---- row gradient (the backward's pass; also the second pass of loss_and_grad) -------------------------
 
+// scale * d l_i / d x_c of one row: a p_c - [c == y] b - eps / V w_c, with a = (1 - eps) w_y + eps / V sum(w) +
+// 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y, times dz/dx = 1 - tanh^2 under softcap; NaN everywhere for
+// a target outside [0, V) (the ignored rows are the callers' business: exact zeros, see store_zeros).
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+struct RowGradient {
+  using A = typename AccOf<T>::type;
+  const A* weight;
+  A softcap;
+  A lse;
+  A scale;
+  A prob_coef;
+  A target_coef;
+  A smoothing_coef;
+  int64_t target;
+
+  // z_target: the target's capped logit (any value for an out-of-range target); scale: the row's d loss / d l_i.
+  __device__ __forceinline__ RowGradient(const KernelParams& p, int64_t target_, A z_target, A lse_, A scale_)
+      : weight(static_cast<const A*>(p.weight)), softcap(static_cast<A>(p.softcap)), lse(lse_), target(target_) {
+    const int64_t V = p.n_classes;
+    const bool in_range = target >= 0 && target < V;
+    const A eps = static_cast<A>(p.label_smoothing);
+    const A w_target = weight ? weight[in_range ? target : 0] : A(1);
+    scale = in_range ? scale_ : std::numeric_limits<A>::quiet_NaN();
+    target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * dexp(z_target - lse);
+    smoothing_coef = eps / static_cast<A>(V);
+    A total_weight = static_cast<A>(V);
+    if constexpr (SMOOTHING) {
+      if (weight) total_weight = *static_cast<const A*>(p.weight_sum);
+    }
+    prob_coef = target_coef + smoothing_coef * total_weight + A(2) * static_cast<A>(p.z_loss) * lse;
+  }
+
+  // The gradient at class col, whose raw logit is xval, in the logits' dtype.
+  __device__ __forceinline__ T operator()(A xval, int64_t col) const {
+    A z = xval;
+    A dz = A(1);
+    if constexpr (SOFTCAP) {
+      A th;
+      tanh_with_derivative(xval / softcap, th, dz);
+      z = softcap * th;
+    }
+    A grad = prob_coef * dexp(z - lse) - (col == target ? target_coef : A(0));
+    if constexpr (SMOOTHING) grad -= smoothing_coef * (weight ? weight[col] : A(1));
+    if constexpr (SOFTCAP) grad *= dz;
+    return static_cast<T>(grad * scale);
+  }
+};
+
+// Exact zeros into g[0, n) (an ignored row, or this block's part of one), over this thread's elements:
+// 16-byte packs after the scalar head that aligns g, then a scalar tail.
+template <typename T>
+__device__ __forceinline__ void store_zeros(T* g, int64_t n, int tid, int nthreads) {
+  constexpr int kVec = Pack<T>::kSize;
+  Pack<T> zeros;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) zeros.v[i] = T(0);
+  const int64_t head = head_elements<T>(g, n);
+  const int64_t n_vec = (n - head) / kVec;
+  for (int64_t c = tid; c < head; c += nthreads) g[c] = T(0);
+  for (int64_t k = tid; k < n_vec; k += nthreads) store_pack(g + head + k * kVec, zeros);
+  for (int64_t c = head + n_vec * kVec + tid; c < n; c += nthreads) g[c] = T(0);
+}
+
 // Writes the row's scale * d l_i / d x into g (may alias x: each element is read, then written by the same
 // thread): exact zeros for ignore_index, NaN for a target outside [0, V). lse and scale are only asked for
 // (load_lse(), load_scale()) by rows that need them: not by ignored rows, and scale not by out-of-range ones.
@@ -315,61 +394,27 @@ __device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const int64_t V = p.n_classes;
+  if (target == p.ignore_index) {  // exact zeros, whatever the logits hold
+    store_zeros(g, V, tid, nthreads);
+    return;
+  }
   const int64_t head = head_elements<T>(g, V);
   const bool vectorize = head_elements<T>(x, V) == head;  // same misalignment: vectorize both sides
   const int64_t n_vec = vectorize ? (V - head) / kVec : 0;
   const int64_t tail = vectorize ? head + n_vec * kVec : 0;  // scalar loop start after the vector body
 
-  if (target == p.ignore_index) {  // exact zeros, whatever the logits hold
-    Pack<T> zeros;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) zeros.v[i] = T(0);
-    if (vectorize) {
-      for (int64_t c = tid; c < head; c += nthreads) g[c] = T(0);
-      for (int64_t k = tid; k < n_vec; k += nthreads) store_pack(g + head + k * kVec, zeros);
-    }
-    for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = T(0);
-    return;
-  }
-
-  const A* weight = static_cast<const A*>(p.weight);
-  const A softcap = static_cast<A>(p.softcap);
-  const A eps = static_cast<A>(p.label_smoothing);
   const bool in_range = target >= 0 && target < V;
-  const int64_t safe_target = in_range ? target : 0;
   const A lse = load_lse();
-  const A scale = in_range ? load_scale() : std::numeric_limits<A>::quiet_NaN();
+  const A scale = in_range ? load_scale() : A(0);  // out of range, RowGradient's scale is NaN
   // Read by every thread before any thread of this row writes (the __syncthreads below): in place, the
   // target's logit is overwritten by whichever thread owns it.
-  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
-  const A p_target = dexp(z_target - lse);
-  const A w_target = weight ? weight[safe_target] : A(1);
-  const A target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * p_target;
-  const A smoothing_coef = eps / static_cast<A>(V);
-  A total_weight = static_cast<A>(V);
-  if constexpr (SMOOTHING) {
-    if (weight) total_weight = *static_cast<const A*>(p.weight_sum);
-  }
-  const A prob_coef = target_coef + smoothing_coef * total_weight + A(2) * static_cast<A>(p.z_loss) * lse;
+  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[in_range ? target : 0]), static_cast<A>(p.softcap));
+  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, target, z_target, lse, scale);
   if constexpr (BLOCK_PER_ROW) {
     __syncthreads();
   } else {
     __syncwarp();
   }
-
-  auto grad_of = [&](A xval, int64_t col) -> T {
-    A z = xval;
-    A dz = A(1);
-    if constexpr (SOFTCAP) {
-      A th;
-      tanh_with_derivative(xval / softcap, th, dz);
-      z = softcap * th;
-    }
-    A grad = prob_coef * dexp(z - lse) - (col == target ? target_coef : A(0));
-    if constexpr (SMOOTHING) grad -= smoothing_coef * (weight ? weight[col] : A(1));
-    if constexpr (SOFTCAP) grad *= dz;
-    return static_cast<T>(grad * scale);
-  };
 
   if (vectorize) {
     for (int64_t c = tid; c < head; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
@@ -395,6 +440,20 @@ __device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g
     }
   }
   for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
+}
+
+// The logits, gradient and target of row `row` (the gradient pointer is only valid for the kernels that write one).
+template <typename T>
+struct RowRefs {
+  const T* x;
+  T* g;
+  int64_t target;
+};
+
+template <typename T>
+__device__ __forceinline__ RowRefs<T> row_refs(const KernelParams& p, int64_t row) {
+  return {static_cast<const T*>(p.logits) + row * p.logits_row_stride, static_cast<T*>(p.grad) + row * p.grad_row_stride,
+          p.target[row * p.target_stride]};
 }
 
 // ---- the three row bodies -----------------------------------------------------------------------------
@@ -445,12 +504,24 @@ __device__ __forceinline__ void backward_row(const KernelParams& p) {
   using A = typename AccOf<T>::type;
   const int64_t row = row_index<BLOCK_PER_ROW>();
   if (row >= p.n_rows) return;
-  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;
-  const int64_t target = p.target[row * p.target_stride];
+  const auto [x, g, target] = row_refs<T>(p, row);
   grad_row<T, SOFTCAP, SMOOTHING, BLOCK_PER_ROW>(
       p, x, g, target, [&] { return static_cast<const A*>(p.lse_in)[row * p.lse_stride]; },
       [&] { return static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride]; });
+}
+
+// loss_and_grad: the row's d loss / d l_i, s_i = grad_scale * (flood_rows ? sgn(l_i - flood_level[i]) : 1), from its
+// loss l_i. d |l - b| / d l = sgn(l - b): +1, -1, 0 at the level, NaN for a NaN difference (as the Triton kernel).
+template <typename A>
+__device__ __forceinline__ A row_scale(const KernelParams& p, int64_t row, A loss) {
+  const A scale = *static_cast<const A*>(p.grad_scale);
+  if (!p.flood_rows) return scale;
+  const A excess = loss - static_cast<const A*>(p.flood_level)[row * p.flood_level_stride];
+  const A sign = excess > A(0)    ? A(1)
+                 : excess < A(0)  ? A(-1)
+                 : excess == A(0) ? A(0)
+                                  : std::numeric_limits<A>::quiet_NaN();
+  return sign * scale;
 }
 
 // loss_and_grad: the forward's l_i (written to losses) and the backward's gradient with grad_losses[i] = s_i =
@@ -464,11 +535,9 @@ __device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const int64_t V = p.n_classes;
-  const T* x = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
-  T* g = static_cast<T*>(p.grad) + row * p.grad_row_stride;
+  const auto [x, g, target] = row_refs<T>(p, row);
   const A* weight = static_cast<const A*>(p.weight);
   const A softcap = static_cast<A>(p.softcap);
-  const int64_t target = p.target[row * p.target_stride];
 
   MaxSum<A> st{neg_inf<A>(), A(0)};
   A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
@@ -491,16 +560,7 @@ __device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
     lse = lse_of(st);
     const A loss = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
     static_cast<A*>(p.losses)[row] = loss;
-    scale = *static_cast<const A*>(p.grad_scale);
-    if (p.flood_rows) {
-      // d |l - b| / d l = sgn(l - b): +1, -1, 0 at the level, NaN for a NaN difference (as the Triton kernel).
-      const A excess = loss - static_cast<const A*>(p.flood_level)[row * p.flood_level_stride];
-      const A sign = excess > A(0)    ? A(1)
-                     : excess < A(0)  ? A(-1)
-                     : excess == A(0) ? A(0)
-                                      : std::numeric_limits<A>::quiet_NaN();
-      scale = sign * scale;
-    }
+    scale = row_scale(p, row, loss);
   }
   if constexpr (BLOCK_PER_ROW) {
     __shared__ A shared_lse;
@@ -545,6 +605,137 @@ __global__ void loss_and_grad_warp_kernel(KernelParams p) {
 template <typename T, bool SOFTCAP, bool SMOOTHING>
 __global__ void __launch_bounds__(kMaxBlockThreads) loss_and_grad_block_kernel(KernelParams p) {
   loss_and_grad_row<T, SOFTCAP, SMOOTHING, true>(p);
+}
+
+// ---- loss_and_grad with the row held in registers: the logits are read from memory once ---------------------
+// A row's 16-byte packs are split over a cluster of cluster_ctas blocks (sm_90 thread-block clusters; a lone block
+// anywhere): block `rank` loads the packs [rank * packs_per_cta, (rank + 1) * packs_per_cta) into registers,
+// kResidentPacks per thread, and holds them until it writes their gradient. Block 0 also takes the scalar head and
+// tail around the packs (under 32 bytes a row, read twice). Each block reduces its part to (max, sum-exp, smoothing
+// sum); after a cluster barrier each reads all the blocks' totals through distributed shared memory and combines
+// them in rank order, so every block has the same lse and computes l_i and s_i itself. A second cluster barrier,
+// arrived at after the reads and waited for at the end, keeps every block's shared memory alive while others read it.
+constexpr int kResidentPacks = 8;
+constexpr int kResidentThreads = 512;
+constexpr int kMaxClusterCtas = 8;  // the portable cluster size
+
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+__global__ void __launch_bounds__(kResidentThreads)
+    loss_and_grad_resident_kernel(KernelParams p, int cluster_ctas, int64_t packs_per_cta) {
+  using A = typename AccOf<T>::type;
+  constexpr int kVec = Pack<T>::kSize;
+  const int64_t row = blockIdx.x / cluster_ctas;
+  const int rank = static_cast<int>(blockIdx.x % cluster_ctas);
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t V = p.n_classes;
+  const auto [x, g, target] = row_refs<T>(p, row);
+  if (target == p.ignore_index) {  // the whole cluster: l_i = 0 and exact zeros, without reading the row
+    const int64_t part = (V + cluster_ctas - 1) / cluster_ctas;
+    const int64_t begin = rank * part < V ? rank * part : V;
+    const int64_t end = begin + part < V ? begin + part : V;
+    store_zeros(g + begin, end - begin, tid, nthreads);
+    if (rank == 0 && tid == 0) static_cast<A*>(p.losses)[row] = A(0);
+    return;
+  }
+
+  const A* weight = static_cast<const A*>(p.weight);
+  const A softcap = static_cast<A>(p.softcap);
+  const int64_t head = head_elements<T>(x, V);
+  const int64_t n_vec = (V - head) / kVec;
+  const int64_t tail = head + n_vec * kVec;
+  const int64_t first_pack = rank * packs_per_cta;
+  const int64_t end_pack = first_pack + packs_per_cta < n_vec ? first_pack + packs_per_cta : n_vec;
+  const bool owns_edges = rank == 0;
+  const T* xv = x + head;
+  Pack<T> packs[kResidentPacks];
+#pragma unroll
+  for (int j = 0; j < kResidentPacks; ++j) {
+    const int64_t k = first_pack + tid + static_cast<int64_t>(j) * nthreads;
+    if (k < end_pack) packs[j] = load_pack(xv + k * kVec);
+  }
+
+  MaxSum<A> st{neg_inf<A>(), A(0)};
+  A smooth = A(0);  // sum_c w_c z_c (sum_c z_c without weights)
+  if (owns_edges) {
+    add_scalars<T, SOFTCAP, SMOOTHING>(st, smooth, x, 0, head, weight, softcap, tid, nthreads);
+    add_scalars<T, SOFTCAP, SMOOTHING>(st, smooth, x, tail, V, weight, softcap, tid, nthreads);
+  }
+#pragma unroll
+  for (int j = 0; j < kResidentPacks; ++j) {
+    const int64_t k = first_pack + tid + static_cast<int64_t>(j) * nthreads;
+    if (k < end_pack) add_pack<T, SOFTCAP, SMOOTHING>(st, smooth, packs[j], weight, softcap, head + k * kVec);
+  }
+  warp_reduce(st, smooth);
+  const WarpTotals<A> totals = warp_totals<RowBody<kResidentBody, T, SOFTCAP, SMOOTHING>, A>();
+  const int warp = tid / kWarp;
+  const int lane = tid % kWarp;
+  store_warp_totals(totals, st, smooth, warp, lane);  // every thread: holds the barrier
+  if (warp == 0) reduce_warp_totals(totals, st, smooth, lane, (nthreads + kWarp - 1) / kWarp);
+  // Thread 0 now holds this block's totals; next, the row's.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ A block_totals[3];  // (max, sum-exp, smoothing sum) of this block, read by the cluster
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (cluster_ctas > 1) {
+    if (tid == 0) {
+      block_totals[0] = st.m;
+      block_totals[1] = st.s;
+      block_totals[2] = smooth;
+    }
+    cluster.sync();  // every block of the cluster has started and published its totals
+    if (tid == 0) {
+      st = {neg_inf<A>(), A(0)};
+      smooth = A(0);
+      for (int r = 0; r < cluster_ctas; ++r) {
+        const A* part = cluster.map_shared_rank(block_totals, r);
+        st = combine(st, MaxSum<A>{part[0], part[1]});
+        smooth += part[2];
+      }
+    }
+    cluster.barrier_arrive();  // done reading the other blocks' shared memory
+  }
+#else
+  if (cluster_ctas > 1) __trap();  // the host launches clusters only for code built for sm_90 and later
+#endif
+
+  __shared__ A shared_lse;
+  __shared__ A shared_scale;
+  if (tid == 0) {
+    const A lse = lse_of(st);
+    const A loss = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
+    if (rank == 0) static_cast<A*>(p.losses)[row] = loss;
+    shared_lse = lse;
+    shared_scale = row_scale(p, row, loss);
+  }
+  __syncthreads();
+
+  const bool in_range = target >= 0 && target < V;
+  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[in_range ? target : 0]), softcap);
+  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, target, z_target, shared_lse, shared_scale);
+  const bool vector_store = head_elements<T>(g, V) == head;  // g aligned as x: store packs as they were loaded
+#pragma unroll
+  for (int j = 0; j < kResidentPacks; ++j) {
+    const int64_t k = first_pack + tid + static_cast<int64_t>(j) * nthreads;
+    if (k < end_pack) {
+      Pack<T> out;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(static_cast<A>(packs[j].v[i]), head + k * kVec + i);
+      if (vector_store) {
+        store_pack(g + head + k * kVec, out);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) g[head + k * kVec + i] = out.v[i];
+      }
+    }
+  }
+  if (owns_edges) {
+    for (int64_t c = tid; c < head; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
+    for (int64_t c = tail + tid; c < V; c += nthreads) g[c] = grad_of(static_cast<A>(x[c]), c);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cluster_ctas > 1) cluster.barrier_wait();
+#endif
 }
 
 // grad *= *grad_output (math in the accumulation type), unless *grad_output is exactly 1: every block reads the
@@ -742,6 +933,68 @@ void backward_inplace_cuda(const at::Tensor& grad_losses, const at::Tensor& logi
                      reverse_ce, reverse_ce_log_zero);
 }
 
+// The resident kernel's layout for rows of n_classes: the fewest blocks per cluster (1, 2, 4, ... up to
+// max_cluster_ctas) whose registers hold the row's packs (kResidentPacks per thread, at most kResidentThreads threads
+// a block), with the fewest threads (from 128) that hold a block's share; cluster_ctas = 0 when none holds it.
+struct ResidentLaunch {
+  int cluster_ctas;
+  int threads;
+  int64_t packs_per_cta;
+};
+
+ResidentLaunch resident_launch(int64_t n_classes, int64_t element_size, int max_cluster_ctas) {
+  const int64_t packs = (n_classes * element_size + 15) / 16;  // bounds every row's packs, whatever its alignment
+  const int64_t per_block = static_cast<int64_t>(kResidentThreads) * kResidentPacks;
+  for (int ctas = 1; ctas <= max_cluster_ctas; ctas *= 2) {
+    if (ctas * per_block < packs) continue;
+    const int64_t packs_per_cta = (packs + ctas - 1) / ctas;
+    int threads = 128;
+    while (static_cast<int64_t>(threads) * kResidentPacks < packs_per_cta) threads *= 2;
+    return {ctas, threads, packs_per_cta};
+  }
+  return {0, 0, 0};
+}
+
+// Whether `kernel` can run in thread-block clusters on the current device: an sm_90 or later GPU, and the
+// kernel's binary for it built for sm_90 or later (not JIT-compiled from older PTX, which has no clusters).
+bool clusters_available(const void* kernel) {
+  int device = 0;
+  int major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return false;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.binaryVersion >= 90;
+}
+
+// Launches the resident loss_and_grad kernel if a block or a cluster holds the row, else returns false.
+template <typename T, bool SOFTCAP, bool SMOOTHING>
+bool launch_resident(const KernelParams& p, cudaStream_t stream) {
+  const auto kernel = loss_and_grad_resident_kernel<T, SOFTCAP, SMOOTHING>;
+  ResidentLaunch l = resident_launch(p.n_classes, sizeof(T), 1);
+  if (l.cluster_ctas == 0 && clusters_available(reinterpret_cast<const void*>(kernel))) {
+    l = resident_launch(p.n_classes, sizeof(T), kMaxClusterCtas);
+  }
+  if (l.cluster_ctas == 0) return false;
+  const int64_t blocks = p.n_rows * l.cluster_ctas;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "flood_kernels: too many rows (", p.n_rows, ")");
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(l.threads));
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(l.cluster_ctas);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = l.cluster_ctas > 1 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, l.cluster_ctas, l.packs_per_cta));
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> loss_and_grad_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& flood_level, const at::Tensor& grad_scale, bool flood_rows, int64_t ignore_index,
@@ -768,6 +1021,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "flood_ce_loss_and_grad_cuda", [&] {
     with_flags(softcap > 0.0, label_smoothing > 0.0, [&](auto cap, auto smooth) {
       constexpr bool kSoftcap = decltype(cap)::value, kSmoothing = decltype(smooth)::value;
+      if (l.block_per_row && launch_resident<scalar_t, kSoftcap, kSmoothing>(p, stream)) return;
       launch_rows(loss_and_grad_block_kernel<scalar_t, kSoftcap, kSmoothing>,
                   loss_and_grad_warp_kernel<scalar_t, kSoftcap, kSmoothing>, p, l, stream);
     });

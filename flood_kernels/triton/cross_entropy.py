@@ -9,14 +9,18 @@ Byte budget per call, for ``N x V`` logits of ``b`` bytes per element:
   read from memory inside the kernel, so neither the sign nor a GradScaler costs an extra pass.
 * loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the
   per-row scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of
-  the logits and one write of the gradient (``2 N V b`` instead of ``3 N V b``). The gradient pass re-reads
-  the row it has just reduced, which comes from the caches (L2 for a large vocabulary), not HBM.
+  the logits and one write of the gradient (``2 N V b`` instead of ``3 N V b``). A row within
+  ``_RESIDENT_ROW_BYTES`` (V up to 16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap) is
+  loaded once and kept in registers: the statistics and the gradient come from that one load. A longer row
+  is reduced in blocks, then re-read for the gradient from the caches (L2 for a large vocabulary), not HBM.
 * scale_grad_: multiplies a gradient in place by grad_output (``2 N V b``) unless grad_output is exactly 1,
   which each program checks on the device: then it costs one launch and no traffic, and no host sync.
 
-The row kernels share their math (``_row_stats``: the online pass; ``_row_loss``; ``_store_row_grad``) and run
-one program per row; rows are addressed with 64-bit offsets, so ``N x V >= 2**31`` is safe, and the class loop
-never holds more than ``BLOCK_V`` elements, so any V works without spilling.
+The row kernels share their math (``_accumulate_stats``: a block's step of the online max / sum-exp;
+``_row_loss``; ``_grad_coefficients`` and ``_block_grad``: the gradient) and run one program per row; rows are
+addressed with 64-bit offsets, so ``N x V >= 2**31`` is safe. The class loops never hold more than ``BLOCK_V``
+elements, so any V works without spilling; the row-resident variant holds the padded row, within a register
+budget that scripts/check_triton_compile.py checks.
 """
 
 from __future__ import annotations
@@ -57,45 +61,76 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _masked_capped(x, in_row, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``z``: the (soft-capped) logits, -inf outside the row, so that they add nothing to the sum-exp."""
+    return tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def _empty_stats(ACC_DTYPE: tl.constexpr):
+    """The running statistics of :func:`_accumulate_stats` before any class: ``(max, shift, sum-exp, smoothing
+    sum, weight sum) = (-inf, 0, 0, 0, 0)``."""
+    zero = tl.zeros((), ACC_DTYPE)
+    return tl.full((), float("-inf"), ACC_DTYPE), zero, zero, zero, zero
+
+
+@triton.jit
+def _accumulate_stats(
+    z, cols, in_row, weight_ptr, running_max, running_shift, running_sum, smoothing_sum, weight_sum,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Fold a block of :func:`_masked_capped` logits ``z`` (classes ``cols``, the valid ones ``in_row``) into
+    the running statistics: the online max and ``running_sum = sum_c exp(z_c - running_shift)``, and for label
+    smoothing ``smoothing_sum = sum_c w_c z_c`` (``sum_c z_c`` without weights) and ``weight_sum = sum_c w_c``."""
+    new_max = tl.maximum(running_max, tl.max(z, axis=0))
+    # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
+    # nor rescale its zero sum by an overflowing exp(0 - new_shift). That sum is kept as it is, not reset:
+    # the max skips NaN (maxnum), so a NaN among the prefix's -inf lives only in the sum.
+    new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
+    rescaled_sum = tl.where(running_max == float("-inf"), running_sum,
+                            running_sum * tl.exp(running_shift - new_shift))
+    running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
+    if HAS_SMOOTHING:
+        z_in_row = tl.where(in_row, z, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+            smoothing_sum += tl.sum(w * z_in_row, axis=0)
+            weight_sum += tl.sum(w, axis=0)
+        else:
+            smoothing_sum += tl.sum(z_in_row, axis=0)
+    return new_max, new_shift, running_sum, smoothing_sum, weight_sum
+
+
+@triton.jit
 def _row_stats(
     row_logits_ptr, weight_ptr, n_classes, softcap,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One pass over a row: ``(lse, smoothing_sum, weight_sum)`` with an online max / sum-exp, where
-    ``smoothing_sum = sum_c w_c z_c`` (``sum_c z_c`` without weights) and ``weight_sum = sum_c w_c``; the two
-    sums are only accumulated for label smoothing (the weight sum only with weights)."""
+    """One online pass over a row in blocks of ``BLOCK_V``: ``(lse, smoothing_sum, weight_sum)``."""
     offsets = tl.arange(0, BLOCK_V)
-    running_max = tl.full((), float("-inf"), ACC_DTYPE)
-    running_shift = tl.zeros((), ACC_DTYPE)
-    running_sum = tl.zeros((), ACC_DTYPE)
-    smoothing_sum = tl.zeros((), ACC_DTYPE)
-    weight_sum = tl.zeros((), ACC_DTYPE)
+    running_max, running_shift, running_sum, smoothing_sum, weight_sum = _empty_stats(ACC_DTYPE)
     for block_start in range(0, n_classes, BLOCK_V):
         cols = block_start + offsets
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        z = tl.where(in_row, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        # An all -inf prefix (masked vocabulary) has an empty sum: it must neither give exp(-inf - -inf) = NaN
-        # nor rescale its zero sum by an overflowing exp(0 - new_shift). That sum is kept as it is, not reset:
-        # the max skips NaN (maxnum), so a NaN among the prefix's -inf lives only in the sum.
-        new_shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-        rescaled_sum = tl.where(running_max == float("-inf"), running_sum,
-                                running_sum * tl.exp(running_shift - new_shift))
-        running_sum = rescaled_sum + tl.sum(tl.exp(z - new_shift), axis=0)
-        running_max = new_max
-        running_shift = new_shift
-        if HAS_SMOOTHING:
-            z_in_row = tl.where(in_row, z, 0.0)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-                smoothing_sum += tl.sum(w * z_in_row, axis=0)
-                weight_sum += tl.sum(w, axis=0)
-            else:
-                smoothing_sum += tl.sum(z_in_row, axis=0)
-    lse = running_shift + tl.log(running_sum)
-    return lse, smoothing_sum, weight_sum
+        running_max, running_shift, running_sum, smoothing_sum, weight_sum = _accumulate_stats(
+            _masked_capped(x, in_row, softcap, HAS_SOFTCAP), cols, in_row, weight_ptr,
+            running_max, running_shift, running_sum, smoothing_sum, weight_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
+    return running_shift + tl.log(running_sum), smoothing_sum, weight_sum
+
+
+@triton.jit
+def _resident_row_stats(
+    z, cols, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """``(lse, smoothing_sum, weight_sum)`` of a row held whole in registers as :func:`_masked_capped` ``z``:
+    the online pass's one step."""
+    running_max, running_shift, running_sum, smoothing_sum, weight_sum = _empty_stats(ACC_DTYPE)
+    _, shift, sum_exp, smoothing_sum, weight_sum = _accumulate_stats(
+        z, cols, in_row, weight_ptr, running_max, running_shift, running_sum, smoothing_sum, weight_sum,
+        HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
+    return shift + tl.log(sum_exp), smoothing_sum, weight_sum
 
 
 @triton.jit
@@ -125,23 +160,21 @@ def _row_loss(
 
 
 @triton.jit
-def _store_row_grad(
-    row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+def _grad_coefficients(
+    row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
     n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Write the row's ``scale * d l_i / d x`` (may overwrite the row's logits): exact zeros when the row is
-    ignored, NaN for an out-of-range target.
+    """The row's constants of its gradient, ``(target_col, ignored, scale, a, b, eps / V)``:
 
     d l_i / d z_c = a p_c - [c == y] b - eps / V w_c, with
     a = (1 - eps) w_y + eps / V sum(w) + 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y;
-    times dz/dx = 1 - tanh^2 under softcap. Only reverse CE needs the target logit."""
-    offsets = tl.arange(0, BLOCK_V)
+    ``scale`` is NaN for an out-of-range target. Only reverse CE reads the target logit."""
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_classes)
     safe_target = tl.where(in_range, target, 0)
-    # A 32-bit class index for the loop's compares: exact in range, and an out-of-range row is all NaN anyway.
+    # A 32-bit class index for the compares: exact in range, and an out-of-range row is all NaN anyway.
     target_col = safe_target.to(tl.int32)
     scale = tl.where(in_range, scale, float("nan"))
     if HAS_WEIGHT:
@@ -152,33 +185,62 @@ def _store_row_grad(
     if HAS_REVERSE_CE:
         z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
         target_coef += reverse_ce_coef * tl.exp(z_target - lse)
-        # In place, the loop below overwrites the target logit: every warp must have read it first.
-        tl.debug_barrier()
     smoothing_coef = label_smoothing / n_classes
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
     else:
         total_weight = n_classes
     prob_coef = target_coef + smoothing_coef * total_weight + 2.0 * z_loss * lse
+    return target_col, ignored, scale, prob_coef, target_coef, smoothing_coef
 
+
+@triton.jit
+def _block_grad(
+    x, z, cols, in_row, weight_ptr, target_col, ignored, lse, scale, prob_coef, target_coef, smoothing_coef,
+    softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """``scale * d l_i / d x_c`` for a block of logits ``x`` (classes ``cols``) and their
+    :func:`_masked_capped` ``z``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
+    ``dz/dx = 1 - tanh^2`` under softcap (from ``x``; only then is ``x`` read); exact zeros when the row is
+    ignored."""
+    if HAS_SOFTCAP:
+        _, capped_derivative = _tanh_with_derivative(x / softcap)
+    grad = prob_coef * tl.exp(z - lse) - tl.where(cols == target_col, target_coef, 0.0)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            grad -= smoothing_coef * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        else:
+            grad -= smoothing_coef
+    if HAS_SOFTCAP:
+        grad = grad * capped_derivative
+    return tl.where(ignored, 0.0, grad * scale)
+
+
+@triton.jit
+def _store_row_grad(
+    row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+    n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Write the row's ``scale * d l_i / d x`` (may overwrite the row's logits) in blocks of ``BLOCK_V``, each
+    read again: exact zeros when the row is ignored, NaN for an out-of-range target."""
+    target_col, ignored, scale, prob_coef, target_coef, smoothing_coef = _grad_coefficients(
+        row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+        n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE)
+    if HAS_REVERSE_CE:
+        # In place, the loop below overwrites the target logit: every warp must have read it first.
+        tl.debug_barrier()
+    offsets = tl.arange(0, BLOCK_V)
     for block_start in range(0, n_classes, BLOCK_V):
         cols = block_start + offsets
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        if HAS_SOFTCAP:
-            th, capped_derivative = _tanh_with_derivative(x / softcap)
-            z = softcap * th
-        else:
-            z = x
-        grad = prob_coef * tl.exp(z - lse) - tl.where(cols == target_col, target_coef, 0.0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                grad -= smoothing_coef * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-            else:
-                grad -= smoothing_coef
-        if HAS_SOFTCAP:
-            grad = grad * capped_derivative
-        grad = tl.where(ignored, 0.0, grad * scale)
+        grad = _block_grad(x, _capped(x, softcap, HAS_SOFTCAP), cols, in_row, weight_ptr,
+                           target_col, ignored, lse, scale, prob_coef, target_coef, smoothing_coef, softcap,
+                           HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -290,13 +352,25 @@ def _loss_and_grad_kernel(
     HAS_REVERSE_CE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ROW_RESIDENT: tl.constexpr,  # BLOCK_V covers the row (see _RESIDENT_ROW_BYTES)
 ):
-    """The forward's loss and the backward's gradient in one program per row: the statistics pass reads the
-    row from memory, the gradient pass reads it again from cache."""
+    """The forward's loss and the backward's gradient in one program per row. ROW_RESIDENT: the row is loaded
+    once and kept in registers, the statistics and the gradient both come from that one load. Else the
+    statistics pass reads the row from memory in blocks, the gradient pass reads it again from cache."""
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
-    lse, smoothing_sum, weight_sum = _row_stats(
-        row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    row_grad_ptr = grad_ptr + row * grad_row_stride
+    if ROW_RESIDENT:
+        cols = tl.arange(0, BLOCK_V)
+        in_row = cols < n_classes
+        x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+        z = _masked_capped(x, in_row, softcap, HAS_SOFTCAP)
+        lse, smoothing_sum, weight_sum = _resident_row_stats(
+            z, cols, in_row, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
+    else:
+        lse, smoothing_sum, weight_sum = _row_stats(
+            row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE,
+            BLOCK_V)
     target = tl.load(target_ptr + row)
     loss = _row_loss(
         row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
@@ -310,10 +384,19 @@ def _loss_and_grad_kernel(
         excess = loss - tl.load(flood_level_ptr + row * flood_level_stride).to(ACC_DTYPE)
         sign = tl.where(excess > 0.0, 1.0, tl.where(excess < 0.0, -1.0, tl.where(excess == 0.0, 0.0, float("nan"))))
         scale = sign * scale
-    _store_row_grad(
-        grad_ptr + row * grad_row_stride, row_logits_ptr, weight_ptr, weight_sum_ptr,
-        target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
-        HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
+    if ROW_RESIDENT:
+        target_col, ignored, scale, prob_coef, target_coef, smoothing_coef = _grad_coefficients(
+            row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+            n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE)
+        grad = _block_grad(x, z, cols, in_row, weight_ptr, target_col, ignored, lse, scale, prob_coef, target_coef,
+                           smoothing_coef, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
+        tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        _store_row_grad(
+            row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr,
+            target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
 
 
 @triton.jit
@@ -332,11 +415,40 @@ def _scale_grad_kernel(grad_ptr, grad_output_ptr, n_elements, ACC_DTYPE: tl.cons
             tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def _warps_for(block_bytes: int) -> int:
+    """512 bytes of a block per warp (16-byte accesses per thread), at most 16 warps."""
+    return max(1, min(16, block_bytes // 512))
+
+
 def _launch_config(n_classes: int, element_size: int) -> Tuple[int, int]:
     """(BLOCK_V, num_warps): 16 KB of logits per block iteration, 16-byte loads per thread."""
     block = min(triton.next_power_of_2(n_classes), 16384 // element_size)
-    num_warps = max(1, min(16, block * element_size // 512))
-    return block, num_warps
+    return block, _warps_for(block * element_size)
+
+
+_RESIDENT_ROW_BYTES = 64 * 1024
+"""Register budget of loss_and_grad's row-resident variant: the padded row (``next_power_of_2(V)`` classes) as
+accumulator values (fp32; fp64 for fp64 logits), counted twice under softcap. At 16 warps it is 32 of the 128
+registers a thread gets (512 threads share an SM's 64K), the rest being temporaries: the largest power of two
+at which no variant spills (scripts/check_triton_compile.py). Under softcap the compiler keeps tanh's terms
+from the statistics for the gradient, a second row-long array; a bf16 row of 32768 (64 KB of logits, 128 KB
+of fp32) spills with weighted label smoothing, whose weights the gradient loads while the row is held."""
+
+
+def _resident_classes(dtype: torch.dtype, has_softcap: bool) -> int:
+    """The most classes (a power of two) whose row loss_and_grad keeps in registers."""
+    accumulator_size = _acc_dtype(dtype).primitive_bitwidth // 8
+    return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1))
+
+
+def _loss_and_grad_config(n_classes: int, dtype: torch.dtype, has_softcap: bool) -> Tuple[bool, int, int]:
+    """(ROW_RESIDENT, BLOCK_V, num_warps) of loss_and_grad: the whole padded row in one block when it fits
+    :data:`_RESIDENT_ROW_BYTES` (at most 128 bytes of accumulators per thread), else :func:`_launch_config`'s
+    blocks."""
+    padded = triton.next_power_of_2(n_classes)
+    if padded <= _resident_classes(dtype, has_softcap):
+        return True, padded, _warps_for(padded * dtype.itemsize)
+    return (False, *_launch_config(n_classes, dtype.itemsize))
 
 
 _PROGRAMS_PER_SM = 4  # 512-thread programs: 4 fill an SM's 2048 threads
@@ -470,7 +582,7 @@ def loss_and_grad(
         return
     has_smoothing = label_smoothing > 0.0
     weight_sum = weight.sum() if weight is not None and has_smoothing else grad_scale
-    block, num_warps = _launch_config(n_classes, logits.element_size())
+    row_resident, block, num_warps = _loss_and_grad_config(n_classes, logits.dtype, softcap > 0.0)
     with _on_device(logits):
         _loss_and_grad_kernel[(n_rows,)](
             losses, grad,
@@ -485,6 +597,7 @@ def loss_and_grad(
             HAS_REVERSE_CE=reverse_ce != 0.0,
             ACC_DTYPE=_acc_dtype(logits.dtype),
             BLOCK_V=block,
+            ROW_RESIDENT=row_resident,
             num_warps=num_warps,
         )
 
