@@ -87,6 +87,18 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p) {
   return pack;
 }
 
+// Element i of a pack in the accumulation type. bf16 -> fp32 is a 16-bit shift of the pack's 32-bit words, written
+// as such so that the packs stay packed in registers (c10::BFloat16's conversion unpacks them: twice the registers).
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type pack_value(const Pack<T>& pack, int i) {
+  return static_cast<typename AccOf<T>::type>(pack.v[i]);
+}
+template <>
+__device__ __forceinline__ float pack_value(const Pack<c10::BFloat16>& pack, int i) {
+  const uint32_t word = reinterpret_cast<const uint32_t*>(&pack)[i / 2];
+  return __uint_as_float(i % 2 == 0 ? word << 16 : word & 0xffff0000u);
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pack) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pack);
@@ -195,7 +207,7 @@ __device__ __forceinline__ void add_pack(MaxSum<A>& st, A& smooth, const Pack<T>
                                          int64_t col) {
   A z[Pack<T>::kSize];
 #pragma unroll
-  for (int i = 0; i < Pack<T>::kSize; ++i) z[i] = capped<A, SOFTCAP>(static_cast<A>(pack.v[i]), softcap);
+  for (int i = 0; i < Pack<T>::kSize; ++i) z[i] = capped<A, SOFTCAP>(pack_value(pack, i), softcap);
   add_logits<SMOOTHING>(st, smooth, z, Pack<T>::kSize, weight, col);
 }
 
@@ -433,7 +445,7 @@ __device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g
         if (k < n_vec) {
           Pack<T> out;
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(static_cast<A>(packs[u].v[i]), head + k * kVec + i);
+          for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(pack_value(packs[u], i), head + k * kVec + i);
           store_pack(gv + k * kVec, out);
         }
       }
@@ -720,7 +732,7 @@ __global__ void __launch_bounds__(kResidentThreads)
     if (k < end_pack) {
       Pack<T> out;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(static_cast<A>(packs[j].v[i]), head + k * kVec + i);
+      for (int i = 0; i < kVec; ++i) out.v[i] = grad_of(pack_value(packs[j], i), head + k * kVec + i);
       if (vector_store) {
         store_pack(g + head + k * kVec, out);
       } else {
