@@ -43,9 +43,17 @@ def random_target(n: int, v: int, device: str, ignore_fraction: float = 0.0, ign
     return target.to(device)
 
 
+def leaf_copy(x: Tensor) -> Tensor:
+    """A leaf requiring grad with x's values, sizes, strides and storage offset: ``clone()`` would make a view
+    with gaps (rows of a wider tensor) contiguous, and the kernels would never see the strided layout."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) if x.numel() else 0
+    storage = torch.empty(x.storage_offset() + span, dtype=x.dtype, device=x.device)
+    return storage.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x.detach()).requires_grad_(True)
+
+
 def loss_and_grad(x: Tensor, target: Tensor, grad_output: float = 1.0, **kwargs: Any) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, raw loss, d(grad_output * loss.sum())/dx) of ``flooded_cross_entropy`` on a leaf copy of x."""
-    leaf = x.detach().clone().requires_grad_(True)
+    leaf = leaf_copy(x)
     loss, raw = flooded_cross_entropy(leaf, target, return_raw=True, **kwargs)
     (loss * grad_output).sum().backward()
     return loss.detach(), raw, leaf.grad
