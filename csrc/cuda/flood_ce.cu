@@ -345,13 +345,15 @@ struct RowGradient {
   A smoothing_coef;
   int64_t target;
 
-  // z_target: the target's capped logit (any value for an out-of-range target); scale: the row's d loss / d l_i.
-  __device__ __forceinline__ RowGradient(const KernelParams& p, int64_t target_, A z_target, A lse_, A scale_)
+  // x: the row's logits, of which the target's is read here; scale: the row's d loss / d l_i.
+  __device__ __forceinline__ RowGradient(const KernelParams& p, const T* x, int64_t target_, A lse_, A scale_)
       : weight(static_cast<const A*>(p.weight)), softcap(static_cast<A>(p.softcap)), lse(lse_), target(target_) {
     const int64_t V = p.n_classes;
     const bool in_range = target >= 0 && target < V;
+    const int64_t safe_target = in_range ? target : 0;
     const A eps = static_cast<A>(p.label_smoothing);
-    const A w_target = weight ? weight[in_range ? target : 0] : A(1);
+    const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
+    const A w_target = weight ? weight[safe_target] : A(1);
     scale = in_range ? scale_ : std::numeric_limits<A>::quiet_NaN();
     target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * dexp(z_target - lse);
     smoothing_coef = eps / static_cast<A>(V);
@@ -418,10 +420,9 @@ __device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g
   const bool in_range = target >= 0 && target < V;
   const A lse = load_lse();
   const A scale = in_range ? load_scale() : A(0);  // out of range, RowGradient's scale is NaN
-  // Read by every thread before any thread of this row writes (the __syncthreads below): in place, the
-  // target's logit is overwritten by whichever thread owns it.
-  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[in_range ? target : 0]), static_cast<A>(p.softcap));
-  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, target, z_target, lse, scale);
+  // Reads the target's logit, which every thread does before any thread of this row writes (the __syncthreads
+  // below): in place, it is overwritten by whichever thread owns it.
+  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, x, target, lse, scale);
   if constexpr (BLOCK_PER_ROW) {
     __syncthreads();
   } else {
@@ -722,9 +723,7 @@ __global__ void __launch_bounds__(kResidentThreads)
   }
   __syncthreads();
 
-  const bool in_range = target >= 0 && target < V;
-  const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[in_range ? target : 0]), softcap);
-  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, target, z_target, shared_lse, shared_scale);
+  const RowGradient<T, SOFTCAP, SMOOTHING> grad_of(p, x, target, shared_lse, shared_scale);
   const bool vector_store = head_elements<T>(g, V) == head;  // g aligned as x: store packs as they were loaded
 #pragma unroll
   for (int j = 0; j < kResidentPacks; ++j) {
