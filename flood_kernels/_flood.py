@@ -8,11 +8,12 @@ and grad_output cost no extra pass over the N x V gradient, and nothing here syn
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._distributed import group_sums
 from ._ops import FLOOD_MODES
 
 
@@ -44,31 +45,36 @@ def reduce_and_flood(
     flood_level: Tensor,
     denominator: Optional[Tensor] = None,
     epilogue: Optional[Callable[..., Tuple[Tensor, Tensor, Tensor]]] = None,
+    process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Return ``(loss, raw_loss)`` from float32 per-row losses (0 on ignored rows).
 
     ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels. A caller that
     already has the "mean" denominator passes it. ``epilogue`` (a backend's ``flood_epilogue`` op, see
     :func:`flood_kernels.backends.epilogue_op`) computes the same for reductions "mean" and "sum" in one kernel
-    and one autograd node.
+    and one autograd node. With a ``process_group`` the sums and the denominator are those of the whole group
+    before the flood transform (:mod:`flood_kernels._distributed`).
     """
-    if epilogue is not None and reduction != "none":
+    if epilogue is not None and reduction != "none" and process_group is None:
         loss, raw, _ = epilogue(losses, target, weight, flood_level, FLOOD_MODES[flood_mode], reduction == "mean",
                                 ignore_index)
         return loss, raw.detach()
-    if reduction == "mean" and denominator is None:
-        denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
-
-    def reduce(values: Tensor) -> Tensor:
-        if reduction == "none":
-            return values
-        return values.sum() if reduction == "sum" else values.sum() / denominator
-
-    raw = reduce(losses)
-    if flood_mode is None:
-        return raw, raw.detach()
+    flooded_rows = None
+    if flood_mode == "individual":
+        flooded_rows = torch.where(target != ignore_index, flood(losses, flood_level), 0.0)
+    if reduction == "none":
+        return (losses if flooded_rows is None else flooded_rows), losses.detach()
+    sums = [losses.sum()] if flooded_rows is None else [losses.sum(), flooded_rows.sum()]
+    if reduction == "mean":
+        if denominator is None:
+            denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
+        sums.append(denominator)
+    if process_group is not None:
+        sums = list(group_sums(sums, process_group))
+    if reduction == "mean":
+        denominator = sums.pop()
+        sums = [total / denominator for total in sums]
+    raw = sums[0]
     if flood_mode == "batch":
         return flood(raw, flood_level), raw.detach()
-    valid = target != ignore_index
-    flooded_rows = torch.where(valid, flood(losses, flood_level), 0.0)
-    return reduce(flooded_rows), raw.detach()
+    return sums[-1], raw.detach()

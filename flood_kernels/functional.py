@@ -7,12 +7,13 @@ inside the same op and autograd node. No host synchronization.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _single_read, backends, reference
+from ._distributed import check_process_group
 from ._flood import reduce_and_flood
 from ._inputs import FloodLevel, LossOptions, as_rows, check_flood_level, check_weight, loss_dtype
 from ._ops import FLOOD_MODES
@@ -37,12 +38,14 @@ def row_losses(
 
 def flood_row_losses(
     losses: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions, level: Tensor,
-    row_shape: torch.Size, backend: str = "reference",
+    row_shape: torch.Size, backend: str = "reference", process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Reduce and flood per-row losses; ``(loss, raw_loss)`` with ``reduction='none'`` output reshaped. GPU
-    backends run the epilogue as one kernel (:func:`flood_kernels.backends.epilogue_op`)."""
+    """Reduce and flood per-row losses (over the ranks of ``process_group`` when given); ``(loss, raw_loss)``
+    with ``reduction='none'`` output reshaped. GPU backends run the epilogue as one kernel
+    (:func:`flood_kernels.backends.epilogue_op`)."""
     loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction, options.flood,
-                                 level, epilogue=backends.epilogue_op(backend, losses.shape[0]))
+                                 level, epilogue=backends.epilogue_op(backend, losses.shape[0]),
+                                 process_group=process_group)
     if options.reduction == "none":
         return loss.reshape(row_shape), raw.reshape(row_shape)
     return loss, raw
@@ -65,6 +68,7 @@ def flooded_cross_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
     return_raw: bool = False,
+    process_group: Optional[Any] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Flooded cross-entropy of logits ``input`` against class indices ``target``.
 
@@ -80,29 +84,38 @@ def flooded_cross_entropy(
     Layouts are those of ``nn.CrossEntropyLoss``. The loss is float32 for every input dtype (float64 for
     float64 input). ``inplace_backward=True`` overwrites ``input`` with its gradient during backward (saves
     N x V memory; ``input`` must not be used afterwards). ``return_raw=True`` also returns the unflooded
-    loss, detached, computed in the same pass.
+    loss, detached, computed in the same pass. ``process_group`` (a ``torch.distributed`` group, e.g.
+    ``torch.distributed.group.WORLD``) floods the loss of the whole data-parallel batch: the sums and the
+    "mean" denominator are summed over the group before the flood transform, every rank gets the global loss,
+    and its gradient is scaled for DDP / FSDP gradient averaging (:mod:`flood_kernels._distributed`).
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
     loss, raw = flooded_cross_entropy_with_options(input, target, options, flood_level, weight, backend,
-                                                   inplace_backward)
+                                                   inplace_backward, process_group=process_group)
     return (loss, raw) if return_raw else loss
 
 
 def flooded_cross_entropy_with_options(
     input: Tensor, target: Tensor, options: LossOptions, flood_level: FloodLevel, weight: Optional[Tensor],
     backend: str, inplace_backward: bool = False, single_read: Optional[bool] = None,
+    process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``.
 
     ``single_read`` forces (True) or forbids (False) the single-read path where it applies (see
-    :mod:`flood_kernels._single_read`); None follows ``FLOOD_KERNELS_SINGLE_READ``.
+    :mod:`flood_kernels._single_read`); None follows ``FLOOD_KERNELS_SINGLE_READ``. With a ``process_group``
+    the per-row losses come from the two-pass kernels and the epilogue sums over the group.
     """
+    check_process_group(process_group, options.reduction)
     logits, flat_target, row_shape = as_rows(input, target)
     dtype = loss_dtype(logits.dtype)
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
     level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
+    if process_group is not None:
+        losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
+        return flood_row_losses(losses, flat_target, weight, options, level, row_shape, name, process_group)
     single_read = _single_read.eligible(logits, options, level, name, inplace_backward, single_read)
     if options.reduction != "none" and backends.has_fused_loss(name):
         return backends.kernel_ops(name).flooded_loss(

@@ -19,13 +19,14 @@ computes the losses and backward recomputes each chunk's logits (four matmuls in
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
+from ._distributed import check_process_group
 from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
 from .functional import flood_row_losses, row_losses
 
@@ -259,6 +260,7 @@ def linear_flooded_cross_entropy(
     accumulate_in_fp32: bool = True,
     backend: str = "auto",
     return_raw: bool = False,
+    process_group: Optional[Any] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Flooded cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` without the ``N x V`` logits.
 
@@ -269,22 +271,24 @@ def linear_flooded_cross_entropy(
     about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the chunks in
     float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less memory).
     Gradients are computed in forward and consumed by the first backward (reduction="none": recomputed there).
+    ``process_group`` floods the loss of the whole data-parallel batch (see :func:`flooded_cross_entropy`).
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
     loss, raw = linear_flooded_cross_entropy_with_options(input, linear_weight, target, linear_bias, options,
                                                           flood_level, weight, chunk_size, accumulate_in_fp32,
-                                                          backend)
+                                                          backend, process_group)
     return (loss, raw) if return_raw else loss
 
 
 def linear_flooded_cross_entropy_with_options(
     input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor], options: LossOptions,
     flood_level: FloodLevel, weight: Optional[Tensor], chunk_size: Optional[int], accumulate_in_fp32: bool,
-    backend: str,
+    backend: str, process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``linear_flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
     _check_linear(input, linear_weight, linear_bias)
+    check_process_group(process_group, options.reduction)
     if not isinstance(accumulate_in_fp32, bool):
         raise TypeError(f"accumulate_in_fp32 must be a bool, got {type(accumulate_in_fp32).__name__}")
     classes, features = linear_weight.shape
@@ -298,7 +302,7 @@ def linear_flooded_cross_entropy_with_options(
     name = backends.resolve(backend, input.device)
     losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name, chunk,
                                     accumulate_in_fp32, torch.is_grad_enabled())
-    return flood_row_losses(losses, flat_target, weight, options, level, row_shape)
+    return flood_row_losses(losses, flat_target, weight, options, level, row_shape, process_group=process_group)
 
 
 class LinearFloodedCrossEntropyLoss(nn.Module):
@@ -306,7 +310,7 @@ class LinearFloodedCrossEntropyLoss(nn.Module):
 
     ``forward(input, linear_weight, target, linear_bias=None)``. ``weight`` and a tensor ``flood_level`` are
     buffers, as in :class:`flood_kernels.FloodedCrossEntropyLoss`; after each call ``last_raw_loss`` holds the
-    unflooded loss, detached, for logging.
+    unflooded loss, detached, for logging. ``process_group`` floods the loss of the whole data-parallel batch.
     """
 
     def __init__(
@@ -324,6 +328,7 @@ class LinearFloodedCrossEntropyLoss(nn.Module):
         chunk_size: Optional[int] = None,
         accumulate_in_fp32: bool = True,
         backend: str = "auto",
+        process_group: Optional[Any] = None,
     ) -> None:
         super().__init__()
         self.options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
@@ -336,13 +341,14 @@ class LinearFloodedCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.accumulate_in_fp32 = accumulate_in_fp32
         self.backend = backend
+        self.process_group = process_group
         self.last_raw_loss: Optional[Tensor] = None
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None) -> Tensor:
         loss, raw = linear_flooded_cross_entropy_with_options(
             input, linear_weight, target, linear_bias, self.options, self.flood_level, self.weight, self.chunk_size,
-            self.accumulate_in_fp32, self.backend)
+            self.accumulate_in_fp32, self.backend, self.process_group)
         self.last_raw_loss = raw
         return loss
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,8 @@ class FloodedCrossEntropyLoss(nn.Module):
     Same argument names, defaults and input layouts as ``nn.CrossEntropyLoss``. ``weight`` is a buffer
     (moves with ``.to()``); a tensor ``flood_level`` is a buffer too, so a schedule can update it in place
     (``loss_fn.flood_level.fill_(b)``) without recompiling under torch.compile. After each call,
-    ``last_raw_loss`` holds the unflooded loss, detached, for logging.
+    ``last_raw_loss`` holds the unflooded loss, detached, for logging. ``process_group`` floods the loss of
+    the whole data-parallel batch (see :func:`flooded_cross_entropy`).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class FloodedCrossEntropyLoss(nn.Module):
         reverse_ce: float = 0.0,
         reverse_ce_log_zero: float = -4.0,
         backend: str = "auto",
+        process_group: Optional[Any] = None,
     ) -> None:
         super().__init__()
         self.options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
@@ -43,11 +45,12 @@ class FloodedCrossEntropyLoss(nn.Module):
         else:
             self.flood_level = flood_level
         self.backend = backend
+        self.process_group = process_group
         self.last_raw_loss: Optional[Tensor] = None
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         loss, raw = flooded_cross_entropy_with_options(input, target, self.options, self.flood_level, self.weight,
-                                                       self.backend)
+                                                       self.backend, process_group=self.process_group)
         self.last_raw_loss = raw
         return loss
 
