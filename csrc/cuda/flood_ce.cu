@@ -976,7 +976,9 @@ bool clusters_available(const void* kernel) {
   if (major < 9) return false;
   cudaFuncAttributes attributes{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return attributes.binaryVersion >= 90;
+  // ptxVersion is the __CUDA_ARCH__ the loaded code was compiled with (binaryVersion is the SASS arch: 90 after
+  // the driver JIT-compiles compute_80 PTX for an H100, whose code is still the pre-sm_90 branch that traps).
+  return attributes.ptxVersion >= 90 && attributes.binaryVersion >= 90;
 }
 
 // Launches the resident loss_and_grad kernel if a block or a cluster holds the row, else returns false.
@@ -1002,6 +1004,13 @@ bool launch_resident(const KernelParams& p, cudaStream_t stream) {
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
   config.numAttrs = l.cluster_ctas > 1 ? 1 : 0;
+  if (l.cluster_ctas > 1) {  // no co-resident cluster of this size (MPS / green-context SM limits): two-pass path
+    int max_clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config) != cudaSuccess || max_clusters == 0) {
+      (void)cudaGetLastError();
+      return false;
+    }
+  }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, l.cluster_ctas, l.packs_per_cta));
   return true;
 }
