@@ -11,7 +11,6 @@ no group gives.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Dict, List, Tuple
 
@@ -157,8 +156,9 @@ def _cpu_backends() -> List[str]:
     return flood_kernels.available_backends("cpu")
 
 
-def _rank_main(rank: int, port: int, seed: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _rank_main(rank: int, seed: int, out_dir: str) -> None:
+    init_method = "file://" + os.path.join(out_dir, "rendezvous")  # a file, not a port: nothing to collide with
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD)
     results: Dict[str, Any] = {}
     try:
         for backend in _cpu_backends():
@@ -178,18 +178,12 @@ def _rank_main(rank: int, port: int, seed: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def group_results(tmp_path_factory) -> Tuple[int, List[Dict[str, Any]]]:
     """Run every case once in two gloo ranks; ``(seed, [rank 0's results, rank 1's])``."""
     out_dir = str(tmp_path_factory.mktemp("ranks"))
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    mp.spawn(_rank_main, args=(_free_port(), seed, out_dir), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(seed, out_dir), nprocs=WORLD, join=True)
     return seed, [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
 
 
