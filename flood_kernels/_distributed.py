@@ -14,7 +14,8 @@ the global loss and the collective were differentiable, with the same grad_outpu
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import copy
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -59,3 +60,17 @@ def group_sums(values: Sequence[Tensor], process_group: Any) -> Tuple[Tensor, ..
 
     totals = _GroupSum.apply(torch.stack(list(values)), process_group, dist.get_world_size(process_group))
     return tuple(totals.unbind())
+
+
+class SharesProcessGroup:
+    """Mixin for the loss modules: ``copy.deepcopy`` shares their ``process_group`` (a communicator handle, which
+    cannot be copied) instead of failing, so a model that owns the loss can still be deep-copied (EMA, SWA)."""
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from ._distributed import check_process_group
+from ._distributed import SharesProcessGroup, check_process_group
 from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
 from .functional import flood_row_losses, row_losses
 
@@ -305,7 +305,7 @@ def linear_flooded_cross_entropy_with_options(
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape, process_group=process_group)
 
 
-class LinearFloodedCrossEntropyLoss(nn.Module):
+class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
     """Loss module for :func:`linear_flooded_cross_entropy`; holds no linear weight (pass the LM head's).
 
     ``forward(input, linear_weight, target, linear_bias=None)``. ``weight`` and a tensor ``flood_level`` are

@@ -7,11 +7,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ._distributed import SharesProcessGroup
 from ._inputs import FloodLevel, LossOptions
 from .functional import flooded_cross_entropy_with_options
 
 
-class FloodedCrossEntropyLoss(nn.Module):
+class FloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
     """``nn.CrossEntropyLoss`` with the flooding options of :func:`flooded_cross_entropy`.
 
     Same argument names, defaults and input layouts as ``nn.CrossEntropyLoss``. ``weight`` is a buffer

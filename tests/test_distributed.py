@@ -10,6 +10,7 @@ no group gives.
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 from typing import Any, Dict, List, Tuple
@@ -292,3 +293,19 @@ def test_group_of_one_rank_changes_nothing(group_of_one, device, backend, flood,
         results.append((loss.detach(), raw, leaf.grad))
     for without, with_group in zip(*results):
         torch.testing.assert_close(with_group, without, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("module_class", [FloodedCrossEntropyLoss, LinearFloodedCrossEntropyLoss])
+def test_deepcopy_of_a_module_shares_its_group(group_of_one, module_class):
+    """A model that owns the loss can be deep-copied (EMA, SWA): the copy shares the communicator, copies the rest."""
+    weight = torch.rand(V) + 0.5
+    module = module_class(flood_level=torch.tensor(0.7), weight=weight, process_group=group_of_one)
+    clone = copy.deepcopy(module)
+    assert clone.process_group is group_of_one
+    assert clone.weight is not module.weight and torch.equal(clone.weight, weight)
+    assert clone.flood_level is not module.flood_level and float(clone.flood_level) == pytest.approx(0.7)
+    args = ((torch.randn(5, FEATURES), torch.randn(V, FEATURES)) if module_class is LinearFloodedCrossEntropyLoss
+            else (torch.randn(5, V),))
+    target = torch.randint(0, V, (5,))
+    torch.testing.assert_close(clone(*args, target), module(*args, target))
+    assert copy.deepcopy(module_class()).process_group is None
