@@ -247,6 +247,34 @@ def test_triton_epilogue_passes_opcheck(flood):
     torch.library.opcheck(_ops.TRITON_OPS.flood_epilogue, (*args, FLOOD_MODES[flood], True, -100))
 
 
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_epilogue_reads_per_sample_levels_with_their_stride(epilogue):
+    """A column of a wider tensor stays strided all the way into the epilogue."""
+    losses, target, weight = _row_losses(3000, torch.float32, seed=8)
+    levels = torch.rand(3000, 7) * 4
+    got = _epilogue(epilogue, losses, target, weight, levels[:, 3], "individual", "mean")
+    expected = _expected(losses, target, weight, levels[:, 3].contiguous(), "individual", "mean")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_triton_epilogue_reads_levels_past_2_31_elements():
+    """64-bit level offsets: per-sample levels that are a column of a (65536, 40000) float32 tensor (10.5 GB), whose
+    last rows lie past 2**31 elements from the first (row * stride in int32 wrapped to a negative offset)."""
+    rows, stride = 1 << 16, 40000
+    if torch.cuda.mem_get_info()[0] < rows * stride * 4 * 1.25:
+        pytest.skip("needs about 13 GB of free GPU memory")
+    wide = torch.empty(rows, stride, device="cuda")
+    levels = wide[:, stride - 1]
+    levels.copy_(torch.rand(rows, device="cuda") * 4)
+    losses, target, weight = _row_losses(rows, torch.float32, seed=9)
+    got = _epilogue(("cuda", _ops.TRITON_OPS.flood_epilogue), losses, target, weight, levels, "individual", "mean")
+    expected = _expected(losses, target, weight, levels.cpu(), "individual", "mean")
+    del wide, levels
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @requires_cuda
 @pytest.mark.gpu
 def test_epilogue_row_limit():

@@ -102,6 +102,8 @@ def flood_epilogue(losses: Tensor, target: Tensor, weight: Optional[Tensor], flo
     contiguous int64; ``weight`` ``(V,)`` or None; ``flood_level`` 0-d, or ``(N,)`` with flood_mode 2.
     """
     n_rows = losses.shape[0]
+    # Per-sample levels are read with stride 1 (a strided view is copied, O(N)): row * stride stays in int32.
+    flood_level = flood_level.contiguous()
     block, num_warps = _SMALL if n_rows <= _SMALL[0] else _LARGE
     with _on_device(losses):
         _flood_epilogue_kernel[(1,)](
