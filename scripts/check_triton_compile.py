@@ -3,14 +3,15 @@
 The Triton interpreter, which the test suite uses without a GPU, accepts code that the real compiler
 rejects and says nothing about speed. This compiles every kernel variant (each dtype, each combination of
 the compile-time switches) for sm_90 (and sm_80) with the launch configuration the launcher would pick at
-V = 128256 (loss_and_grad also at the largest V it keeps in registers, its row-resident variant), as a
-launch with 16-byte aligned rows would specialize it, and reads the result:
+V = 128256 (loss_and_grad also at the largest aligned and unaligned Vs it keeps in registers, its row-resident
+variant), as a launch with 16-byte aligned rows (or, at an odd V, unaligned ones) would specialize it, and reads
+the result:
 
 * the compilation must succeed;
 * no local memory (register spills or stack) in the resource usage that cuobjdump reports;
-* the PTX must load the logits with 16-byte vector loads (``ld.global.v4.b32`` / ``.v2.b64``), and the
-  kernels that write a gradient (backward, loss_and_grad, scale_grad) must store it with 16-byte vector
-  stores.
+* at a V that is a multiple of 16, the PTX must load the logits with 16-byte vector loads
+  (``ld.global.v4.b32`` / ``.v2.b64``), and the kernels that write a gradient (backward, loss_and_grad,
+  scale_grad) must store it with 16-byte vector stores.
 
 Small vocabularies (V = 1, 10, 1000: other block sizes and warp counts, unaligned rows) must compile too.
 Prints a table (registers per thread, shared memory, load width per variant) and exits non-zero on failure.
@@ -82,7 +83,7 @@ def blocked_config(v: int, dtype: torch.dtype, switches: dict):
 
 def loss_and_grad_config(v: int, dtype: torch.dtype, switches: dict):
     """(block, num_warps, other constexprs) of the loss_and_grad launcher: row-resident or not, as it picks."""
-    row_resident, block, num_warps = ce._loss_and_grad_config(v, dtype, switches["HAS_SOFTCAP"])
+    row_resident, block, num_warps = ce._loss_and_grad_config(v, dtype, switches["HAS_SOFTCAP"], v % 16 == 0)
     return block, num_warps, {"ROW_RESIDENT": row_resident}
 
 
@@ -92,8 +93,10 @@ def only_v(dtype: str, switches: dict):
 
 
 def v_and_largest_resident_v(dtype: str, switches: dict):
-    """V, and the largest V that loss_and_grad keeps in registers (its registers grow with V)."""
-    return V, ce._resident_classes(DTYPES[dtype], switches["HAS_SOFTCAP"])
+    """V, and the largest aligned and unaligned Vs that loss_and_grad keeps in registers (its registers grow
+    with V)."""
+    dtype, softcap = DTYPES[dtype], switches["HAS_SOFTCAP"]
+    return V, ce._resident_classes(dtype, softcap), ce._resident_classes(dtype, softcap, aligned=False) - 1
 
 
 def compile_variant(kernel, signature, switches, dtype: str, arch: int, config, v: int = V):
@@ -147,7 +150,7 @@ def check_variant(name, kernel, signature, switches, dtype: str, arch: int, conf
     failures = []
     if local:
         failures.append(f"{label}: {local} bytes of local memory (spills)")
-    if not vector_accesses:
+    if not vector_accesses and v % 16 == 0:  # unaligned rows cannot use vector accesses
         failures.append(f"{label}: no 16-byte vector loads / stores of the rows")
     return failures
 

@@ -304,6 +304,11 @@ def test_triton_keeps_rows_up_to_the_register_budget(dtype, softcap, limit):
     for v in (limit + 1, 300000):
         row_resident, block, num_warps = triton_ce._loss_and_grad_config(v, dtype, softcap)
         assert not row_resident and (block, num_warps) == triton_ce._launch_config(v, dtype.itemsize), v
+    # Rows that are not 16-aligned load element by element: a quarter of the budget (the compile check's spills).
+    unaligned_limit = limit // 4
+    assert triton_ce._loss_and_grad_config(unaligned_limit - 1, dtype, softcap, aligned=False)[0]
+    row_resident, block, num_warps = triton_ce._loss_and_grad_config(unaligned_limit + 1, dtype, softcap, False)
+    assert not row_resident and (block, num_warps) == triton_ce._launch_config(unaligned_limit + 1, dtype.itemsize)
 
 
 @pytest.mark.parametrize("device,backend", CASES)

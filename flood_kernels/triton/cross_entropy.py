@@ -10,9 +10,11 @@ Byte budget per call, for ``N x V`` logits of ``b`` bytes per element:
 * loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the
   per-row scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of
   the logits and one write of the gradient (``2 N V b`` instead of ``3 N V b``). A row within
-  ``_RESIDENT_ROW_BYTES`` (V up to 16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap) is
-  loaded once and kept in registers: the statistics and the gradient come from that one load. A longer row
-  is reduced in blocks, then re-read for the gradient from the caches (L2 for a large vocabulary), not HBM.
+  ``_RESIDENT_ROW_BYTES`` (V up to 16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap, a
+  quarter for a row not 16-aligned) is loaded once and kept in registers: the statistics and the gradient come
+  from that one load. A longer row is reduced in blocks, then re-read for the gradient last block first, so
+  that the blocks read most recently come from L2; with hundreds of long rows in flight part of that re-read
+  may come from HBM (to be measured: ncu's L2 hit rate).
 * scale_grad_: multiplies a gradient in place by grad_output (``2 N V b``) unless grad_output is exactly 1,
   which each program checks on the device: then it costs one launch and no traffic, and no host sync.
 
@@ -41,8 +43,14 @@ def _tanh_with_derivative(u):
     """``(tanh(u), 1 - tanh(u)**2)`` accurate to a few ulp over the whole range (series near 0)."""
     a = tl.abs(u)
     t = tl.exp(-2.0 * a)
-    far = (1.0 - t) / (1.0 + t)
-    far_derivative = 4.0 * t / ((1.0 + t) * (1.0 + t))
+    if u.dtype == tl.float32:
+        # fp32 division is div.full.f32 (a MUFU.RCP each): one reciprocal for both terms.
+        r = 1.0 / (1.0 + t)
+        far = (1.0 - t) * r
+        far_derivative = 4.0 * t * r * r
+    else:
+        far = (1.0 - t) / (1.0 + t)
+        far_derivative = 4.0 * t / ((1.0 + t) * (1.0 + t))
     a2 = a * a
     near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
     is_near = a < 0.125
@@ -52,10 +60,18 @@ def _tanh_with_derivative(u):
 
 
 @triton.jit
+def _over_softcap(x, softcap):
+    """``x / softcap``; in fp32 times the program's one reciprocal (no per-element MUFU.RCP)."""
+    if x.dtype == tl.float32:
+        return x * (1.0 / softcap)
+    return x / softcap
+
+
+@triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     """``softcap * tanh(x / softcap)`` when HAS_SOFTCAP, else ``x``."""
     if HAS_SOFTCAP:
-        th, _ = _tanh_with_derivative(x / softcap)
+        th, _ = _tanh_with_derivative(_over_softcap(x, softcap))
         return softcap * th
     return x
 
@@ -130,7 +146,7 @@ def _resident_row_stats(
     _, shift, sum_exp, smoothing_sum, weight_sum = _accumulate_stats(
         z, cols, in_row, weight_ptr, running_max, running_shift, running_sum, smoothing_sum, weight_sum,
         HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
-    return shift + tl.log(sum_exp), smoothing_sum, weight_sum
+    return shift + tl.log(sum_exp), shift, smoothing_sum, weight_sum
 
 
 @triton.jit
@@ -196,17 +212,17 @@ def _grad_coefficients(
 
 @triton.jit
 def _block_grad(
-    x, z, cols, in_row, weight_ptr, target_col, ignored, lse, scale, prob_coef, target_coef, smoothing_coef,
+    x, p, cols, in_row, weight_ptr, target_col, ignored, scale, prob_coef, target_coef, smoothing_coef,
     softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """``scale * d l_i / d x_c`` for a block of logits ``x`` (classes ``cols``) and their
-    :func:`_masked_capped` ``z``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
+    """``scale * d l_i / d x_c`` for a block of logits ``x`` (classes ``cols``) and their probabilities
+    ``p = exp(z - lse)``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
     ``dz/dx = 1 - tanh^2`` under softcap (from ``x``; only then is ``x`` read); exact zeros when the row is
     ignored."""
     if HAS_SOFTCAP:
-        _, capped_derivative = _tanh_with_derivative(x / softcap)
-    grad = prob_coef * tl.exp(z - lse) - tl.where(cols == target_col, target_coef, 0.0)
+        _, capped_derivative = _tanh_with_derivative(_over_softcap(x, softcap))
+    grad = prob_coef * p - tl.where(cols == target_col, target_coef, 0.0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             grad -= smoothing_coef * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
@@ -234,12 +250,14 @@ def _store_row_grad(
         # In place, the loop below overwrites the target logit: every warp must have read it first.
         tl.debug_barrier()
     offsets = tl.arange(0, BLOCK_V)
-    for block_start in range(0, n_classes, BLOCK_V):
-        cols = block_start + offsets
+    # Last block first: the statistics pass read it last, so it is the likeliest still in L2.
+    last_start = (tl.cdiv(n_classes, BLOCK_V) - 1) * BLOCK_V
+    for block_index in range(0, n_classes, BLOCK_V):
+        cols = (last_start - block_index) + offsets
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        grad = _block_grad(x, _capped(x, softcap, HAS_SOFTCAP), cols, in_row, weight_ptr,
-                           target_col, ignored, lse, scale, prob_coef, target_coef, smoothing_coef, softcap,
+        grad = _block_grad(x, tl.exp(_capped(x, softcap, HAS_SOFTCAP) - lse), cols, in_row, weight_ptr,
+                           target_col, ignored, scale, prob_coef, target_coef, smoothing_coef, softcap,
                            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -365,7 +383,7 @@ def _loss_and_grad_kernel(
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
         z = _masked_capped(x, in_row, softcap, HAS_SOFTCAP)
-        lse, smoothing_sum, weight_sum = _resident_row_stats(
+        lse, shift, smoothing_sum, weight_sum = _resident_row_stats(
             z, cols, in_row, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
     else:
         lse, smoothing_sum, weight_sum = _row_stats(
@@ -389,7 +407,12 @@ def _loss_and_grad_kernel(
             row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
             n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
             HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE)
-        grad = _block_grad(x, z, cols, in_row, weight_ptr, target_col, ignored, lse, scale, prob_coef, target_coef,
+        if ACC_DTYPE == tl.float32:
+            # p_c = exp(z_c - shift) / sum_exp: the statistics' exps again (CSE), a multiply instead of an exp.
+            p = tl.exp(z - shift) * tl.exp(shift - lse)
+        else:
+            p = tl.exp(z - lse)
+        grad = _block_grad(x, p, cols, in_row, weight_ptr, target_col, ignored, scale, prob_coef, target_coef,
                            smoothing_coef, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
     else:
@@ -435,18 +458,22 @@ from the statistics for the gradient, a second row-long array; a bf16 row of 327
 of fp32) spills with weighted label smoothing, whose weights the gradient loads while the row is held."""
 
 
-def _resident_classes(dtype: torch.dtype, has_softcap: bool) -> int:
-    """The most classes (a power of two) whose row loss_and_grad keeps in registers."""
+def _resident_classes(dtype: torch.dtype, has_softcap: bool, aligned: bool = True) -> int:
+    """The most classes (a power of two) whose row loss_and_grad keeps in registers. A row that is not
+    16-aligned (length, stride or start: Triton then cannot specialize the loads as 16-byte vectors) loads
+    element by element, with more registers of addresses and masks: a quarter of the budget (at half, some
+    variants spill on sm_80 or reach the 128-register cap on sm_90)."""
     accumulator_size = _acc_dtype(dtype).primitive_bitwidth // 8
-    return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1))
+    return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1) * (1 if aligned else 4))
 
 
-def _loss_and_grad_config(n_classes: int, dtype: torch.dtype, has_softcap: bool) -> Tuple[bool, int, int]:
+def _loss_and_grad_config(n_classes: int, dtype: torch.dtype, has_softcap: bool,
+                          aligned: bool = True) -> Tuple[bool, int, int]:
     """(ROW_RESIDENT, BLOCK_V, num_warps) of loss_and_grad: the whole padded row in one block when it fits
-    :data:`_RESIDENT_ROW_BYTES` (at most 128 bytes of accumulators per thread), else :func:`_launch_config`'s
+    :func:`_resident_classes` (at most 128 bytes of accumulators per thread), else :func:`_launch_config`'s
     blocks."""
     padded = triton.next_power_of_2(n_classes)
-    if padded <= _resident_classes(dtype, has_softcap):
+    if padded <= _resident_classes(dtype, has_softcap, aligned):
         return True, padded, _warps_for(padded * dtype.itemsize)
     return (False, *_launch_config(n_classes, dtype.itemsize))
 
@@ -582,7 +609,8 @@ def loss_and_grad(
         return
     has_smoothing = label_smoothing > 0.0
     weight_sum = weight.sum() if weight is not None and has_smoothing else grad_scale
-    row_resident, block, num_warps = _loss_and_grad_config(n_classes, logits.dtype, softcap > 0.0)
+    aligned = n_classes % 16 == 0 and logits.stride(0) % 16 == 0 and logits.data_ptr() % 16 == 0
+    row_resident, block, num_warps = _loss_and_grad_config(n_classes, logits.dtype, softcap > 0.0, aligned)
     with _on_device(logits):
         _loss_and_grad_kernel[(n_rows,)](
             losses, grad,
