@@ -18,6 +18,7 @@ import copy
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -25,8 +26,6 @@ def check_process_group(process_group: Optional[Any], reduction: str) -> None:
     """``process_group`` must be None or a ``torch.distributed`` process group, with a "mean" or "sum" reduction."""
     if process_group is None:
         return
-    import torch.distributed as dist
-
     if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             "process_group must be None or a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD "
@@ -42,8 +41,6 @@ class _GroupSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, local: Tensor, process_group: Any, world_size: int) -> Tensor:
-        import torch.distributed as dist
-
         ctx.world_size = world_size
         total = local.clone()
         dist.all_reduce(total, group=process_group)
@@ -56,8 +53,6 @@ class _GroupSum(torch.autograd.Function):
 
 def group_sums(values: Sequence[Tensor], process_group: Any) -> Tuple[Tensor, ...]:
     """The 0-d ``values`` summed over ``process_group`` with one all-reduce."""
-    import torch.distributed as dist
-
     totals = _GroupSum.apply(torch.stack(list(values)), process_group, dist.get_world_size(process_group))
     return tuple(totals.unbind())
 

@@ -113,17 +113,15 @@ def flooded_cross_entropy_with_options(
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
     level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
-    if process_group is not None:
-        losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
-        return flood_row_losses(losses, flat_target, weight, options, level, row_shape, name, process_group)
-    single_read = _single_read.eligible(logits, options, level, name, inplace_backward, single_read)
-    if options.reduction != "none" and backends.has_fused_loss(name):
-        return backends.kernel_ops(name).flooded_loss(
-            logits, flat_target, weight, level, FLOOD_MODES[options.flood], options.reduction == "mean",
-            options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0, options.reverse_ce,
-            options.reverse_ce_log_zero, inplace_backward, single_read,
-        )
-    if single_read:
-        return _single_read.SingleReadCrossEntropy.apply(logits, flat_target, weight, level, options, name)
+    if process_group is None:
+        single_read = _single_read.eligible(logits, options, level, name, inplace_backward, single_read)
+        if options.reduction != "none" and backends.has_fused_loss(name):
+            return backends.kernel_ops(name).flooded_loss(
+                logits, flat_target, weight, level, FLOOD_MODES[options.flood], options.reduction == "mean",
+                options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0,
+                options.reverse_ce, options.reverse_ce_log_zero, inplace_backward, single_read,
+            )
+        if single_read:
+            return _single_read.SingleReadCrossEntropy.apply(logits, flat_target, weight, level, options, name)
     losses = row_losses(logits, flat_target, weight, options, name, inplace_backward)
-    return flood_row_losses(losses, flat_target, weight, options, level, row_shape, name)
+    return flood_row_losses(losses, flat_target, weight, options, level, row_shape, name, process_group)
