@@ -80,11 +80,19 @@ def _logits(batch: Dict[str, Any], entry: str) -> torch.Tensor:
     return batch["logits"]
 
 
-def _loss_options(options: Dict[str, Any], batch: Dict[str, Any]) -> Dict[str, Any]:
+def _loss_options(options: Dict[str, Any], batch: Dict[str, Any], float64: bool = False) -> Dict[str, Any]:
+    """The case's loss options, with the batch's class weights (in float64 for the reference)."""
     kwargs = {k: v for k, v in options.items() if k not in ("weight", "ignore")}
     if batch["weight"] is not None:
-        kwargs["weight"] = batch["weight"]
+        kwargs["weight"] = batch["weight"].double() if float64 else batch["weight"]
     return kwargs
+
+
+def _raw_loss(batch: Dict[str, Any], options: Dict[str, Any], entry: str, rows: slice = slice(None)) -> float:
+    """The float64 reference's unflooded loss of ``rows`` of the batch alone (by default the whole batch)."""
+    kwargs = dict(_loss_options(options, batch, float64=True), flood=None)
+    return float(flooded_cross_entropy(_logits(batch, entry)[rows].double(), batch["target"][rows],
+                                       backend="reference", **kwargs))
 
 
 def _flood_level(batch: Dict[str, Any], options: Dict[str, Any], rows: List[int], placement: str,
@@ -95,14 +103,10 @@ def _flood_level(batch: Dict[str, Any], options: Dict[str, Any], rows: List[int]
         return 0.0
     if placement == "per-sample":
         return batch["levels"]
-    logits = _logits(batch, entry)
-    kwargs = dict(_loss_options(options, batch), flood=None)
-    if kwargs.get("weight") is not None:
-        kwargs["weight"] = kwargs["weight"].double()
-    whole = float(flooded_cross_entropy(logits.double(), batch["target"], backend="reference", **kwargs))
+    whole = _raw_loss(batch, options, entry)
     if placement == "below":
         return whole * 0.5
-    return 0.5 * (whole + _shard_raw_loss(batch, options, rows, entry))
+    return 0.5 * (whole + _raw_loss(batch, options, entry, slice(0, rows[0])))
 
 
 def _shard(value: Any, rows: List[int], rank: int) -> Any:
@@ -192,9 +196,7 @@ def _reference(name: str, seed: int) -> Dict[str, Any]:
     """The float64 reference on the whole batch, without any process group."""
     options, rows, placement, grad_output, entry = CASES[name]
     batch = _batch(seed, options, rows)
-    kwargs = _loss_options(options, batch)
-    if kwargs.get("weight") is not None:
-        kwargs["weight"] = kwargs["weight"].double()
+    kwargs = _loss_options(options, batch, float64=True)
     if "linear" in entry:
         h, w, b = (batch[k].double().requires_grad_(True) for k in ("hidden", "linear_weight", "linear_bias"))
         logits = F.linear(h, w, b)
@@ -207,17 +209,7 @@ def _reference(name: str, seed: int) -> Dict[str, Any]:
     loss, raw = flooded_cross_entropy(logits, batch["target"], backend="reference", return_raw=True, **kwargs)
     (loss * grad_output).backward()
     return {"loss": loss.detach(), "raw": raw, "grads": tuple(leaf.grad for leaf in leaves), "level": level,
-            "shard_raw": _shard_raw_loss(batch, options, rows, entry)}
-
-
-def _shard_raw_loss(batch: Dict[str, Any], options: Dict[str, Any], rows: List[int], entry: str) -> float:
-    """The raw loss of rank 0's shard alone (a "between" level is placed against it)."""
-    kwargs = dict(_loss_options(options, batch), flood=None)
-    if kwargs.get("weight") is not None:
-        kwargs["weight"] = kwargs["weight"].double()
-    shard = slice(0, rows[0])
-    return float(flooded_cross_entropy(_logits(batch, entry)[shard].double(), batch["target"][shard],
-                                       backend="reference", **kwargs))
+            "shard_raw": _raw_loss(batch, options, entry, slice(0, rows[0]))}
 
 
 CASE_PARAMS = [pytest.param(backend, name, id=f"{backend}-{name}") for backend in _cpu_backends()
