@@ -201,7 +201,7 @@ def main() -> int:
         ("scale_grad", ce._scale_grad_kernel, scale_grad_signature, (), blocked_config, only_v),
     ]
     failures = []
-    print(f"triton {triton.__version__}; aligned rows; launch config from the launcher")
+    print(f"triton {triton.__version__}; rows 16-aligned when V is a multiple of 16; launch config from the launcher")
     print("| kernel | dtype | V | sm | switches on | regs | shared B | local B | 16-byte accesses | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in (int(a) for a in args.archs.split(",")):

@@ -140,8 +140,9 @@ def _row_stats(
 def _resident_row_stats(
     z, cols, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """``(lse, smoothing_sum, weight_sum)`` of a row held whole in registers as :func:`_masked_capped` ``z``:
-    the online pass's one step."""
+    """``(lse, shift, smoothing_sum, weight_sum)`` of a row held whole in registers as :func:`_masked_capped`
+    ``z``: the online pass's one step; ``shift`` is the row's max (0 for an all -inf row), with which the
+    statistics took ``exp(z - shift)``."""
     running_max, running_shift, running_sum, smoothing_sum, weight_sum = _empty_stats(ACC_DTYPE)
     _, shift, sum_exp, smoothing_sum, weight_sum = _accumulate_stats(
         z, cols, in_row, weight_ptr, running_max, running_shift, running_sum, smoothing_sum, weight_sum,
