@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+if dist.is_available():  # a torch built without distributed has no collectives (and takes no process_group)
+    import torch.distributed._functional_collectives as funcol
+
 
 def check_process_group(process_group: Optional[Any], reduction: str) -> None:
     """``process_group`` must be None or a ``torch.distributed`` process group, with a "mean" or "sum" reduction."""
@@ -37,14 +40,16 @@ def check_process_group(process_group: Optional[Any], reduction: str) -> None:
 
 
 class _GroupSum(torch.autograd.Function):
-    """Sum over the ranks of a group; the gradient is scaled by the group's size (see the module docstring)."""
+    """Sum over the ranks of a group; the gradient is scaled by the group's size (see the module docstring).
+
+    The functional all-reduce, not the in-place ``dist.all_reduce``: under torch.compile, torch 2.11 traces an
+    in-place collective inside an autograd.Function so that the input's gradient comes out as zeros.
+    """
 
     @staticmethod
     def forward(ctx: Any, local: Tensor, process_group: Any, world_size: int) -> Tensor:
         ctx.world_size = world_size
-        total = local.clone()
-        dist.all_reduce(total, group=process_group)
-        return total
+        return funcol.wait_tensor(funcol.all_reduce(local, "sum", process_group))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None]:
