@@ -69,6 +69,13 @@ def _check_real(name: str, value: object) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def check_flood_number(flood_level: object) -> None:
+    """A flood level given as a Python number must be a finite real >= 0."""
+    _check_real("flood_level", flood_level)
+    if flood_level < 0:
+        raise ValueError(f"flood_level must be >= 0, got {flood_level}")
+
+
 def loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """The arithmetic and output dtype: float32 for every input dtype, float64 for float64 input."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -100,9 +107,7 @@ def check_flood_level(flood_level: FloodLevel, flood: Optional[str], rows: int, 
                 raise ValueError("flood_level must be finite and >= 0")
         level = flood_level.detach().to(device=device, dtype=dtype)
         return level.reshape(rows) if level.dim() != 0 else level
-    _check_real("flood_level", flood_level)
-    if flood_level < 0:
-        raise ValueError(f"flood_level must be >= 0, got {flood_level}")
+    check_flood_number(flood_level)
     # A fill on the device, not torch.tensor: building a CUDA tensor from a Python number is a blocking
     # host-to-device copy (a stream synchronization, and an error inside CUDA-graph capture).
     return torch.full((), float(flood_level), dtype=dtype, device=device)

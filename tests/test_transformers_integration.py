@@ -13,6 +13,7 @@ from flood_kernels.integrations.transformers import (  # noqa: E402
     patch_causal_lm_forward,
     patch_causal_lm_loss,
 )
+from helpers import requires_cuda  # noqa: E402
 
 try:
     from flood_kernels.linear import linear_flooded_cross_entropy  # noqa: F401
@@ -121,6 +122,44 @@ def test_flooded_loss_matches_for_causal_lm_loss():
     shift = torch.roll(labels, -1, dims=1)
     torch.testing.assert_close(flooded_causal_lm_loss(logits, labels, shift_labels=shift, flood=None),
                                ForCausalLMLoss(logits, labels, VOCAB, shift_labels=shift))
+
+
+def test_flood_level_number_or_tensor():
+    """A number and a 0-d tensor level give the same loss; a negative or non-finite number names the argument."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 9, VOCAB, generator=g)
+    labels = torch.randint(0, VOCAB, (2, 9), generator=g)
+    labels[0, :3] = -100
+    for num_items in (None, 30):
+        as_number = flooded_causal_lm_loss(logits, labels, num_items_in_batch=num_items, flood_level=4.5)
+        as_tensor = flooded_causal_lm_loss(logits, labels, num_items_in_batch=num_items,
+                                           flood_level=torch.tensor(4.5, dtype=torch.float64))
+        torch.testing.assert_close(as_number, as_tensor)
+        for bad in (-0.1, float("nan")):
+            with pytest.raises(ValueError, match="flood_level"):
+                flooded_causal_lm_loss(logits, labels, num_items_in_batch=num_items, flood_level=bad)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_trainer_loss_does_not_synchronize():
+    """A Python flood level and the Trainer's device-side token count: no host synchronization in a step."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    logits = torch.randn(2, 33, 1000, device="cuda", generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 33), device="cuda", generator=g)
+    num_items = (labels[:, 1:] != -100).sum()
+    loss_fn = flooded_loss_for_trainer(flood_level=0.5)
+
+    def step():
+        loss_fn({"logits": logits}, labels, num_items_in_batch=num_items).backward()
+
+    step()  # first call: kernel compilation and caches may synchronize
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_trainer_compute_loss_func():

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._inputs import check_flood_number
 from ..functional import flooded_cross_entropy
 
 FloodLevel = Union[float, int, Tensor]
@@ -75,8 +76,13 @@ def _flood_reduce(
         num_items_in_batch = num_items_in_batch.to(target.device)
     if flood == "batch":
         # Flood the micro-batch sum at b * n (n = its non-ignored tokens), then normalize like Transformers.
-        count = (target != ignore_index).sum()
-        level = torch.as_tensor(flood_level, device=target.device).detach().to(torch.float32) * count
+        # b * n is formed on the device: a Python b never becomes a tensor on the host (a blocking copy).
+        count = (target != ignore_index).sum().to(torch.float32)
+        if torch.is_tensor(flood_level):
+            level = flood_level.detach().to(device=target.device, dtype=torch.float32) * count
+        else:
+            check_flood_number(flood_level)
+            level = count * float(flood_level)
         summed = loss_of(flood_level=level, flood="batch", reduction="sum")
     else:  # None or "individual": per-token flooding commutes with the normalization
         summed = loss_of(flood_level=flood_level, flood=flood, reduction="sum")
