@@ -19,6 +19,7 @@ computes the losses and backward recomputes each chunk's logits (four matmuls in
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -31,6 +32,8 @@ from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, c
 from .functional import flood_row_losses, row_losses
 
 _CHUNK_BYTES = 1 << 28
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def default_chunk_size(classes: int, element_size: int) -> int:
@@ -42,6 +45,25 @@ def default_chunk_size(classes: int, element_size: int) -> int:
 def _kernel_scalars(options: LossOptions) -> Tuple[object, ...]:
     return (options.ignore_index, options.label_smoothing, options.z_loss, options.softcap or 0.0,
             options.reverse_ce, options.reverse_ce_log_zero)
+
+
+def _autocast_operands(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> Tuple[Any, ...]:
+    """Under autocast, the operands in its dtype, as ``F.linear`` takes them (float64 stays as it is). The casts are
+    differentiable: a float32 weight gets a float32 gradient, of the low-precision matmuls as with ``F.linear``."""
+    if not isinstance(input, Tensor) or input.device.type not in _AUTOCAST_DEVICES:
+        return input, linear_weight, linear_bias
+    if not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t
+                 for t in (input, linear_weight, linear_bias))
+
+
+def _autocast_off(device: torch.device) -> Any:
+    """A context that turns autocast off on ``device``, where autocast exists."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _chunk_logits(h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> Tensor:
@@ -157,8 +179,9 @@ class _LinearRowLosses(torch.autograd.Function):
             if fused:
                 level_chunk = level if level.dim() == 0 else level[chunk]
                 factor[chunk] = _row_factor(losses[chunk], target_chunk, level_chunk, options)
-                grad_logits = _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend)
-                grads.add(chunk, grad_logits, h_chunk, linear_weight)
+                grads.add(chunk, _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend),
+                          h_chunk, linear_weight)
+            del logits  # before the next chunk's logits exist: one chunk of logits alive at a time, not two
         ctx.settings = (options, backend, chunk_size, accumulate_in_fp32, needs)
         ctx.dtypes = (h.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         ctx.grads, ctx.factor = grads, factor
@@ -169,19 +192,20 @@ class _LinearRowLosses(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        options, backend, chunk_size, accumulate_in_fp32, needs = ctx.settings
-        if options.reduction == "none":
-            grads, scale = _recompute_gradients(ctx, grad_losses), None
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_flooded_cross_entropy computes its gradients in forward and consumes them in the "
-                    "first backward; call the loss again to backpropagate a second time"
-                )
-            grads, ctx.grads = ctx.grads, None
-            scale = _uniform_scale(grad_losses, ctx.factor)
-        results = tuple(_scaled(buffer, scale, dtype) for buffer, dtype in
-                        zip((grads.input, grads.weight, grads.bias), ctx.dtypes))
+        options = ctx.settings[0]
+        with _autocast_off(grad_losses.device):
+            if options.reduction == "none":
+                grads, scale = _recompute_gradients(ctx, grad_losses), None
+            else:
+                if ctx.grads is None:
+                    raise RuntimeError(
+                        "linear_flooded_cross_entropy computes its gradients in forward and consumes them in the "
+                        "first backward; call the loss again to backpropagate a second time"
+                    )
+                grads, ctx.grads = ctx.grads, None
+                scale = _uniform_scale(grad_losses, ctx.factor)
+            results = tuple(_scaled(buffer, scale, dtype) for buffer, dtype in
+                            zip((grads.input, grads.weight, grads.bias), ctx.dtypes))
         return results + (None,) * 8
 
 
@@ -195,8 +219,9 @@ def _recompute_gradients(ctx, grad_losses: Tensor) -> _Gradients:
         chunk = slice(start, min(start + chunk_size, h.shape[0]))
         logits = _chunk_logits(h[chunk], linear_weight, linear_bias)
         lse_chunk = None if lse is None else lse[chunk]
-        grad_logits = _chunk_grad_(logits, target[chunk], weight, lse_chunk, scale[chunk], options, backend)
-        grads.add(chunk, grad_logits, h[chunk], linear_weight)
+        grads.add(chunk, _chunk_grad_(logits, target[chunk], weight, lse_chunk, scale[chunk], options, backend),
+                  h[chunk], linear_weight)
+        del logits  # one chunk of logits alive at a time
     return grads
 
 
@@ -287,6 +312,7 @@ def linear_flooded_cross_entropy_with_options(
     backend: str, process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``linear_flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
+    input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
     _check_linear(input, linear_weight, linear_bias)
     check_process_group(process_group, options.reduction)
     if not isinstance(accumulate_in_fp32, bool):
@@ -300,8 +326,9 @@ def linear_flooded_cross_entropy_with_options(
     weight = check_weight(weight, classes, input.device, dtype)
     level = check_flood_level(flood_level, options.flood, h.shape[0], row_shape, input.device, dtype)
     name = backends.resolve(backend, input.device)
-    losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name, chunk,
-                                    accumulate_in_fp32, torch.is_grad_enabled())
+    with _autocast_off(input.device):  # the chunks' matmuls run in the operands' dtype (and the accumulators')
+        losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name,
+                                        chunk, accumulate_in_fp32, torch.is_grad_enabled())
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape, process_group=process_group)
 
 
