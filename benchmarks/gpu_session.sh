@@ -2,7 +2,7 @@
 # Everything the GPU machine must check, in ONE device call sized for a session's device time (15 minutes,
 # the machine's start included): run it with timeout_s 600; the default budget (540 s) ends before that.
 #
-#   here:   bash benchmarks/fetch_peer_wheels.sh     # Liger / Cut Cross-Entropy wheels into .whl/
+#   here:   bash benchmarks/fetch_peer_wheels.sh     # Liger, Cut Cross-Entropy, pytest-xdist wheels into .whl/
 #           bash scripts/build_for_device.sh         # flood_kernels._C built here for the device's torch
 #   device: bash benchmarks/gpu_session.sh [budget_seconds] [steps]     with carry [".whl", ".gpu_build"]
 #   here:   python -m flood_kernels.bench --replot DIR   # each fetched results.json -> results.md + plots
@@ -18,7 +18,8 @@
 #             524288, strided, in-place, the single-read path and its cluster sizes)
 # What comes back (8 files at most): gpu.txt (device, versions, one line per step), tests.log, bench.log (the
 # benchmarks' stderr), cls/results.json, bench/results.json (written after every cell: a deadline keeps what
-# was measured), linear.json (pytest-benchmark), memcheck.log and build.log when they failed.
+# was measured), linear.json (pytest-benchmark; linear.jsonl instead, a line per cell, when cut short),
+# memcheck.log and build.log when they failed. The GPU tests run in 8 processes when .whl/ carries pytest-xdist.
 set -uo pipefail
 budget="${1:-540}"
 steps="${2:-build tests cls bench linear memcheck}"
@@ -95,9 +96,16 @@ print(m['cells'] - m['cells_not_run'], 'of', m['cells'], 'cells measured')" 2>/d
 fi
 if has linear; then
     t0=$(date +%s)
-    timeout "$(allow 90 75)" python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_linear.py \
-        --benchmark-only --benchmark-json "$OUT/linear.json" >> "$OUT/bench.log" 2>&1
-    say "linear bench (exit $?): $(elapsed "$t0") s"
+    # pytest-benchmark writes its JSON only at the end: each cell also goes to linear.jsonl as it ends, which
+    # comes back in its place when a deadline cuts the suite short.
+    rm -f /tmp/linear.json
+    FLOOD_KERNELS_BENCH_LOG="$OUT/linear.jsonl" timeout "$(allow 90 75)" python3 -m pytest -q -p no:cacheprovider \
+        benchmarks/test_bench_linear.py --benchmark-only --benchmark-json /tmp/linear.json >> "$OUT/bench.log" 2>&1
+    code=$?
+    # (pytest-benchmark creates the file, empty, when it starts.)
+    python3 -c "import json; json.load(open('/tmp/linear.json'))" 2>/dev/null \
+        && mv /tmp/linear.json "$OUT/linear.json" && rm -f "$OUT/linear.jsonl"
+    say "linear bench (exit $code): $(elapsed "$t0") s; $(cat "$OUT/linear.jsonl" 2>/dev/null | wc -l) cells in linear.jsonl"
 fi
 if has memcheck && command -v compute-sanitizer >/dev/null 2>&1; then
     t0=$(date +%s)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +90,23 @@ def test_a_cell_does_not_leave_its_gradient_allocated():
 def test_graph_mode_needs_cuda(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--shapes", "smoke", "--modes", "graph", "--out", str(tmp_path)])
+
+
+def test_benchmark_suite_logs_each_cell_as_it_ends(tmp_path):
+    """FLOOD_KERNELS_BENCH_LOG: one JSON line per benchmark as it ends (a deadline keeps what was measured)."""
+    log = tmp_path / "cells.jsonl"
+    # Without this process's xdist variables: under xdist, pytest-benchmark would disable timing in the child too.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+    env["FLOOD_KERNELS_BENCH_LOG"] = str(log)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                           "--benchmark-min-rounds=1", "benchmarks/test_bench_linear.py"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    passed = int(re.search(r"(\d+) passed", done.stdout).group(1))
+    assert len(records) == passed > 0
+    for record in records:
+        assert record["name"].startswith("test_linear_forward_backward[")
+        assert record["median_ms"] > 0 and record["rounds"] >= 1
+        assert record["extra_info"]["ms"] == pytest.approx(record["median_ms"])

@@ -22,6 +22,7 @@ ops = torch.ops.flood_kernels
 HAS_FUSED_CPU = backends.has_fused_loss("cpu")
 requires_fused_cpu = pytest.mark.skipif(not HAS_FUSED_CPU, reason="needs the C++ extension's CPU ops")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, Triton's interpreter
+TRITON_MARKS = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
 
 
 def _epilogues():
@@ -29,8 +30,7 @@ def _epilogues():
     if HAS_FUSED_CPU:
         cases.append(pytest.param(("cpu", ops.flood_epilogue.default), id="cpu"))
     if "triton" in available_backends(TRITON_DEVICE):
-        marks = [pytest.mark.gpu] if TRITON_DEVICE == "cuda" else []
-        cases.append(pytest.param((TRITON_DEVICE, _ops.TRITON_OPS.flood_epilogue), id="triton", marks=marks))
+        cases.append(pytest.param((TRITON_DEVICE, _ops.TRITON_OPS.flood_epilogue), id="triton", marks=TRITON_MARKS))
     return cases
 
 
@@ -219,8 +219,7 @@ def test_the_gradient_is_handed_over_without_a_copy(single_read, flood, monkeypa
 def _gpu_backend_cases():
     device = TRITON_DEVICE
     names = [b for b in available_backends(device) if b in ("triton", "cuda")]
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return [pytest.param(device, name, id=f"{device}-{name}", marks=marks) for name in names]
+    return [pytest.param(device, name, id=f"{device}-{name}", marks=TRITON_MARKS) for name in names]
 
 
 @pytest.mark.parametrize("device,backend", _gpu_backend_cases())
@@ -238,7 +237,7 @@ def test_gpu_backends_run_the_epilogue_as_one_op(device, backend, flood, reducti
 
 
 @pytest.mark.skipif("triton" not in available_backends(TRITON_DEVICE), reason="needs Triton")
-@pytest.mark.parametrize("flood", ["batch", "individual", None])
+@pytest.mark.parametrize("flood", [pytest.param(flood, marks=TRITON_MARKS) for flood in ("batch", "individual", None)])
 def test_triton_epilogue_passes_opcheck(flood):
     losses, target, weight = _row_losses(40, torch.float32, seed=7)
     level = torch.rand(40) * 3 if flood == "individual" else torch.tensor(1.5)
@@ -249,7 +248,7 @@ def test_triton_epilogue_passes_opcheck(flood):
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_epilogue_reads_per_sample_levels_with_their_stride(epilogue):
-    """A column of a wider tensor stays strided all the way into the epilogue."""
+    """Levels that are a column of a wider tensor (strided) give what their contiguous copy gives."""
     losses, target, weight = _row_losses(3000, torch.float32, seed=8)
     levels = torch.rand(3000, 7) * 4
     got = _epilogue(epilogue, losses, target, weight, levels[:, 3], "individual", "mean")
@@ -260,8 +259,9 @@ def test_epilogue_reads_per_sample_levels_with_their_stride(epilogue):
 @requires_cuda
 @pytest.mark.gpu
 def test_triton_epilogue_reads_levels_past_2_31_elements():
-    """64-bit level offsets: per-sample levels that are a column of a (65536, 40000) float32 tensor (10.5 GB), whose
-    last rows lie past 2**31 elements from the first (row * stride in int32 wrapped to a negative offset)."""
+    """Per-sample levels that are a column of a (65536, 40000) float32 tensor (10.5 GB), whose last rows lie past
+    2**31 elements from the first: with their stride, ``row * stride`` in int32 wrapped to a negative offset, which
+    the launcher avoids by making the levels contiguous (O(N)); this checks the whole path end to end."""
     rows, stride = 1 << 16, 40000
     if torch.cuda.mem_get_info()[0] < rows * stride * 4 * 1.25:
         pytest.skip("needs about 13 GB of free GPU memory")

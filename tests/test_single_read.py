@@ -374,6 +374,25 @@ def test_resident_rows_at_cluster_boundaries(device, backend, dtype, v, strided)
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in backends.available_backends("cuda"), reason="needs the CUDA extension")
+@pytest.mark.parametrize("dtype,v", [(torch.bfloat16, 65536), (torch.bfloat16, 262144), (torch.float32, 131072)])
+def test_cuda_long_rows_run_in_clusters_on_sm90(dtype, v):
+    """Rows longer than one block holds take the resident kernel in a cluster on sm_90 (the profiler names the
+    kernel), not a silent fallback to the two-pass kernel that the results alone could not tell apart."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    x = random_logits(4, v, "cuda", dtype=dtype)
+    target = random_target(4, v, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(x, target, True, "cuda", flood="individual", flood_level=1.0)
+        torch.cuda.synchronize()
+    kernels = [event.key for event in prof.key_averages()]
+    assert any("loss_and_grad_resident_kernel" in name for name in kernels), kernels
+    assert not any("loss_and_grad_block_kernel" in name for name in kernels), kernels
+
+
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", [c.values[1] for c in CASES if c.values[0] == "cuda"])
 def test_cuda_graph_capture(backend):
     """No host synchronization: the single-read forward and the on-device grad_output test replay inside a
