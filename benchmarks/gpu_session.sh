@@ -105,7 +105,8 @@ if has linear; then
     # (pytest-benchmark creates the file, empty, when it starts.)
     python3 -c "import json; json.load(open('/tmp/linear.json'))" 2>/dev/null \
         && mv /tmp/linear.json "$OUT/linear.json" && rm -f "$OUT/linear.jsonl"
-    say "linear bench (exit $code): $(elapsed "$t0") s; $(cat "$OUT/linear.jsonl" 2>/dev/null | wc -l) cells in linear.jsonl"
+    cells=$(cat "$OUT/linear.jsonl" 2>/dev/null | wc -l)
+    say "linear bench (exit $code): $(elapsed "$t0") s; $cells cells in linear.jsonl"
 fi
 if has memcheck && command -v compute-sanitizer >/dev/null 2>&1; then
     t0=$(date +%s)

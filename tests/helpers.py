@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -143,3 +143,15 @@ def materialize(options: Dict[str, Any], v: int, device: str) -> Dict[str, Any]:
     if options.get("weight") == "random":
         options["weight"] = (torch.rand(v) + 0.25).to(device)
     return options
+
+
+def run_without_host_sync(step: Callable[[], Any]) -> None:
+    """``step()`` once to warm up (compilation and caches may synchronize), then again under CUDA's sync debug
+    mode, which raises on any call that synchronizes the host with the device."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -13,7 +13,7 @@ from flood_kernels._inputs import LossOptions
 from flood_kernels.functional import flooded_cross_entropy_with_options
 
 from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
-                     random_logits, random_target, reference64, requires_cuda, row_term_scale)
+                     random_logits, random_target, reference64, requires_cuda, row_term_scale, run_without_host_sync)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -396,13 +396,7 @@ def test_no_host_synchronization(backend, flood, reduction, single_read, monkeyp
 
     level_tensor = torch.full((), 0.5, device="cuda")
     for level in (0.5, level_tensor):
-        step(level)  # first call: compilation and caches may synchronize
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step(level)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        run_without_host_sync(lambda: step(level))
 
 
 @requires_cuda

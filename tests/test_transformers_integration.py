@@ -13,7 +13,7 @@ from flood_kernels.integrations.transformers import (  # noqa: E402
     patch_causal_lm_forward,
     patch_causal_lm_loss,
 )
-from helpers import requires_cuda  # noqa: E402
+from helpers import requires_cuda, run_without_host_sync  # noqa: E402
 
 try:
     from flood_kernels.linear import linear_flooded_cross_entropy  # noqa: F401
@@ -153,13 +153,7 @@ def test_trainer_loss_does_not_synchronize():
     def step():
         loss_fn({"logits": logits}, labels, num_items_in_batch=num_items).backward()
 
-    step()  # first call: kernel compilation and caches may synchronize
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    run_without_host_sync(step)
 
 
 def test_trainer_compute_loss_func():
