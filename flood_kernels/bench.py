@@ -204,8 +204,12 @@ def _captured(step: Callable[[], None], device: torch.device) -> Callable[[], No
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    stream = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:  # a failed capture raises in torch.cuda.graph's exit before it restores the current stream
+        torch.cuda.set_stream(stream)
     return graph.replay
 
 

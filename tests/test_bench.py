@@ -14,6 +14,8 @@ import torch
 
 from flood_kernels import available_backends, bench
 
+from helpers import requires_cuda
+
 
 def test_bench_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench"
@@ -110,3 +112,16 @@ def test_benchmark_suite_logs_each_cell_as_it_ends(tmp_path):
         assert record["name"].startswith("test_linear_forward_backward[")
         assert record["median_ms"] > 0 and record["rounds"] >= 1
         assert record["extra_info"]["ms"] == pytest.approx(record["median_ms"])
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_current_stream_as_it_was():
+    """An implementation that synchronizes (``.item()``) cannot be captured: the error reaches the caller, and
+    the cells after it still run on the stream they ran on before."""
+    device = torch.device("cuda")
+    x = torch.ones(4, device=device)
+    before = torch.cuda.current_stream(device)
+    with pytest.raises(RuntimeError):
+        bench._captured(lambda: x.sum().item(), device)
+    assert torch.cuda.current_stream(device) == before
