@@ -3,7 +3,8 @@
 Rows are processed in chunks of ``C`` rows: ``logits = h_c @ W.T + b`` (``C x V``, the input's dtype); the
 backend's cross-entropy kernel gives the per-row losses and overwrites the chunk's logits with their gradient
 ``g``; then ``grad_input_c = g @ W``, ``grad_W += g.T @ h_c`` and ``grad_b += g.sum(0)``. Memory beyond the
-inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB) and, with
+inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB, or half the free GPU memory where that is
+less) and, with
 ``accumulate_in_fp32`` and low-precision weights, the float32 ``V x D`` and ``V`` accumulators.
 
 How the loss's scale reaches the gradients. The per-row losses ``l`` go through the flood transform and the
@@ -36,10 +37,24 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def default_chunk_size(classes: int, element_size: int) -> int:
-    """Rows per chunk: the largest power of two whose ``rows x classes`` logits fit in 256 MiB (at least 1)."""
-    rows = max(1, _CHUNK_BYTES // (classes * element_size))
+def default_chunk_size(classes: int, element_size: int, free_bytes: Optional[int] = None) -> int:
+    """Rows per chunk: the largest power of two whose ``rows x classes`` logits fit in 256 MiB and, when the free
+    memory is known, in half of it (at least 1 row): near a full GPU the chunks shrink instead of running out."""
+    budget = _CHUNK_BYTES if free_bytes is None else min(_CHUNK_BYTES, max(0, free_bytes) // 2)
+    rows = max(1, budget // (classes * element_size))
     return 1 << (rows.bit_length() - 1)
+
+
+def _free_bytes_for_chunks(h: Tensor, linear_weight: Tensor) -> Optional[int]:
+    """What a chunk's logits may use on a CUDA device: the driver's free memory and what torch's caching allocator
+    holds unused, less the gradient buffers still to be allocated (at most float32 ``V x D`` and ``V`` and the
+    ``N x D`` grad_input). None on other devices and while torch.compile traces (a driver query, not an op)."""
+    if h.device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    free, _ = torch.cuda.mem_get_info(h.device)
+    cached = torch.cuda.memory_reserved(h.device) - torch.cuda.memory_allocated(h.device)
+    buffers = (linear_weight.numel() + linear_weight.shape[0]) * 4 + h.numel() * h.element_size()
+    return free + cached - buffers
 
 
 def _kernel_scalars(options: LossOptions) -> Tuple[object, ...]:
@@ -255,9 +270,9 @@ def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Te
             raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}")
 
 
-def _check_chunk_size(chunk_size: Optional[int], classes: int, element_size: int) -> int:
+def _check_chunk_size(chunk_size: Optional[int], h: Tensor, linear_weight: Tensor) -> int:
     if chunk_size is None:
-        return default_chunk_size(classes, element_size)
+        return default_chunk_size(linear_weight.shape[0], h.element_size(), _free_bytes_for_chunks(h, linear_weight))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -292,8 +307,8 @@ def linear_flooded_cross_entropy(
     ``input`` is ``(..., D)`` with ``target`` of shape ``(...)`` (each row of ``input`` is one sample);
     ``linear_weight`` is ``(V, D)``, ``linear_bias`` ``(V,)``. The value and gradients are those of
     :func:`flood_kernels.flooded_cross_entropy` on the ``(N, V)`` logits with the same options (argument
-    names follow ``F.linear_cross_entropy``). Rows go through in chunks of ``chunk_size`` (default: from V,
-    about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the chunks in
+    names follow ``F.linear_cross_entropy``). Rows go through in chunks of ``chunk_size`` (default: from V and
+    the free memory, about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the chunks in
     float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less memory).
     Gradients are computed in forward and consumed by the first backward (reduction="none": recomputed there).
     ``process_group`` floods the loss of the whole data-parallel batch (see :func:`flooded_cross_entropy`).
@@ -321,7 +336,7 @@ def linear_flooded_cross_entropy_with_options(
     row_shape = input.shape[:-1]
     flat_target = check_target(target, tuple(row_shape), input.device)
     h = input.reshape(-1, features)
-    chunk = _check_chunk_size(chunk_size, classes, input.element_size())
+    chunk = _check_chunk_size(chunk_size, h, linear_weight)
     dtype = loss_dtype(input.dtype)
     weight = check_weight(weight, classes, input.device, dtype)
     level = check_flood_level(flood_level, options.flood, h.shape[0], row_shape, input.device, dtype)

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import flood_kernels
 from flood_kernels import flooded_cross_entropy
+from flood_kernels import linear
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
 from helpers import requires_cuda, run_without_host_sync
@@ -314,6 +315,20 @@ def test_default_chunk_size():
     assert default_chunk_size(128256, 4) == 512
     assert default_chunk_size(1 << 30, 4) == 1
     assert default_chunk_size(V, 4) & (default_chunk_size(V, 4) - 1) == 0
+    # Near a full GPU: half the free memory, as a power of two of rows, never below one row.
+    assert default_chunk_size(128256, 2, free_bytes=1 << 40) == 1024
+    assert default_chunk_size(128256, 2, free_bytes=100 * 2**20) == 128
+    assert default_chunk_size(128256, 2, free_bytes=0) == 1
+    assert default_chunk_size(128256, 2, free_bytes=-5) == 1
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_default_chunk_size_follows_the_free_memory():
+    h, w = torch.empty(8192, 64, device="cuda", dtype=torch.bfloat16), torch.empty(128256, 64, device="cuda")
+    free = linear._free_bytes_for_chunks(h, w)
+    assert 0 < free <= torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+    assert linear._check_chunk_size(None, h, w) == default_chunk_size(128256, 2, free)
 
 
 def _peak_cpu_bytes(fn) -> int:
