@@ -4,7 +4,7 @@ Under DDP or FSDP every rank holds a shard of the batch and the gradients are av
 loss flooded on each rank floods each shard's mean: near ``b`` some ranks ascend while others descend. The
 paper's ``|J - b| + b`` with ``J`` the mean over the global batch needs each rank's sums (the raw losses, the
 flooded rows of iFlood, the "mean" denominator) summed over the group before the flood decision: one
-all-reduce of at most three scalars per call, on the device (NCCL runs it on the current stream; nothing
+all-reduce of at most three scalars per call, on the device (the current stream waits for NCCL's; nothing
 waits on the host). Every rank returns the same global loss.
 
 Each rank's backward gives ``world_size`` times its own samples' part of the global loss's gradient, so the

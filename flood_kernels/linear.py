@@ -3,9 +3,9 @@
 Rows are processed in chunks of ``C`` rows: ``logits = h_c @ W.T + b`` (``C x V``, the input's dtype); the
 backend's cross-entropy kernel gives the per-row losses and overwrites the chunk's logits with their gradient
 ``g``; then ``grad_input_c = g @ W``, ``grad_W += g.T @ h_c`` and ``grad_b += g.sum(0)``. Memory beyond the
-inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB, or half the free GPU memory where that is
-less) and, with
-``accumulate_in_fp32`` and low-precision weights, the float32 ``V x D`` and ``V`` accumulators.
+inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB, or half the free
+GPU memory where that is less) and, with ``accumulate_in_fp32`` and low-precision weights, the float32 ``V x D``
+and ``V`` accumulators.
 
 How the loss's scale reaches the gradients. The per-row losses ``l`` go through the flood transform and the
 reduction by autograd (:func:`flood_kernels.functional.flood_row_losses`), whose gradient is
@@ -308,8 +308,9 @@ def linear_flooded_cross_entropy(
     ``linear_weight`` is ``(V, D)``, ``linear_bias`` ``(V,)``. The value and gradients are those of
     :func:`flood_kernels.flooded_cross_entropy` on the ``(N, V)`` logits with the same options (argument
     names follow ``F.linear_cross_entropy``). Rows go through in chunks of ``chunk_size`` (default: from V and
-    the free memory, about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the chunks in
-    float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less memory).
+    the free memory, about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the
+    chunks in float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less
+    memory).
     Gradients are computed in forward and consumed by the first backward (reduction="none": recomputed there).
     ``process_group`` floods the loss of the whole data-parallel batch (see :func:`flooded_cross_entropy`).
     """
