@@ -67,25 +67,30 @@ def _extensions():
                                        extra_link_args=link_flags, **common)]
 
 
-setup(
-    name="flood_kernels",
-    version="0.1.0",
-    description="Fused cross-entropy with flooding for PyTorch (Triton, C++ and CUDA kernels)",
-    packages=find_packages(include=["flood_kernels", "flood_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch"],
-    extras_require={
-        # Tested with triton 3.6 (GPU machine) and 3.9 (CPU interpreter, and the sm_90 compile check's API).
-        "triton": ["triton>=3.6,<3.10"],
-        "transformers": ["transformers>=4.46,<6", "accelerate>=1.1.0"],
-        "examples": ["matplotlib"],
-        # The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers
-        # integration and the examples' plots.
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.10", "transformers>=4.46,<6", "accelerate>=1.1.0",
-                 "matplotlib"],
-    },
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": LIMITED_API}},
-    zip_safe=False,
-)
+# Tested with triton 3.6 (GPU machine) and 3.9 (CPU interpreter, and the sm_90 compile check's API).
+EXTRAS_REQUIRE = {
+    "triton": ["triton>=3.6,<3.10"],
+    "transformers": ["transformers>=4.46,<6", "accelerate>=1.1.0"],
+    "examples": ["matplotlib"],
+}
+# The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers integration
+# and the examples' plots.
+EXTRAS_REQUIRE["test"] = ["pytest", "pytest-benchmark"] + [req for extra in ("triton", "transformers", "examples")
+                                                           for req in EXTRAS_REQUIRE[extra]]
+
+
+# Guarded so that scripts can read EXTRAS_REQUIRE (runpy) without building; pip runs this file as __main__.
+if __name__ == "__main__":
+    setup(
+        name="flood_kernels",
+        version="0.1.0",
+        description="Fused cross-entropy with flooding for PyTorch (Triton, C++ and CUDA kernels)",
+        packages=find_packages(include=["flood_kernels", "flood_kernels.*"]),
+        python_requires=">=3.10",
+        install_requires=["torch"],
+        extras_require=EXTRAS_REQUIRE,
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": LIMITED_API}},
+        zip_safe=False,
+    )

@@ -238,7 +238,7 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=10000)
     p.add_argument("--b-factors", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25],
                    help="flood-level grid as multiples of the noise floor (the noise entropy for CE)")
-    p.add_argument("--rho-grid", type=float, nargs="+", default=[3.0, 30.0], help="reverse_ce grid")
+    p.add_argument("--rho-grid", type=float, nargs="+", default=[3.0, 30.0, 300.0], help="reverse_ce grid")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) for tests")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--threads", type=int, default=1)

@@ -9,9 +9,8 @@
 # The stamp names the sources' hash: the device uses the build only for the same sources.
 # Leaves the virtual environment (~5 GB: torch's CUDA wheels) in $DEVICE_VENV for the next run.
 set -euo pipefail
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.11.0}"
-DEVICE_VENV="${DEVICE_VENV:-${TMPDIR:-/tmp}/flood_kernels_device_venv}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FLOOD_KERNELS_CUDA=1 MAX_JOBS="${MAX_JOBS:-4}"
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "build_for_device: nvcc not found at $CUDA_HOME (set CUDA_HOME)" >&2; exit 2; }
@@ -24,9 +23,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
 fi
 "$PY" -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; print('building for torch', torch.__version__)"
 # Build in a copy of the tracked tree, so this checkout's own (CPU torch) build stays as it is.
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-(cd "$repo_root" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - ) | tar -xf - -C "$work"
+copy_checkout
 (cd "$work" && "$PY" setup.py build_ext --inplace > build.log 2>&1) || { tail -40 "$work/build.log"; exit 1; }
 mkdir -p "$repo_root/.gpu_build"
 cp "$work/flood_kernels/_C.abi3.so" "$repo_root/.gpu_build/_C.abi3.so"

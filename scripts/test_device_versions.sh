@@ -5,21 +5,22 @@
 # torch 2.11 tracing an in-place all_reduce inside an autograd.Function into zero gradients, which 2.13 does not).
 #   bash scripts/build_for_device.sh && bash scripts/test_device_versions.sh [pytest arguments]
 set -euo pipefail
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEVICE_VENV="${DEVICE_VENV:-${TMPDIR:-/tmp}/flood_kernels_device_venv}"
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 PY="$DEVICE_VENV/bin/python"
 if [ ! -x "$PY" ] || [ ! -f "$repo_root/.gpu_build/_C.abi3.so" ]; then
     echo "test_device_versions: run scripts/build_for_device.sh first" >&2
     exit 2
 fi
-# numpy < 2.4: triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses.
-"$PY" -m pip install -q "numpy<2.4" pytest pytest-benchmark pytest-xdist "transformers>=4.46,<6" \
-    "accelerate>=1.1.0" matplotlib
+# The test extras as setup.py lists them (without triton: this torch brings its own 3.6), xdist, and numpy < 2.4:
+# triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses.
+mapfile -t test_extras < <("$PY" -c "
+import runpy
+extras = runpy.run_path('$repo_root/setup.py', run_name='extras')['EXTRAS_REQUIRE']
+print('\\n'.join(r for r in extras['test'] if r not in extras['triton']))")
+"$PY" -m pip install -q "numpy<2.4" pytest-xdist "${test_extras[@]}"
 "$PY" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 # A copy of the tracked tree with the device build in place of this checkout's (CPU torch) build.
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-(cd "$repo_root" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - ) | tar -xf - -C "$work"
+copy_checkout
 cp "$repo_root/.gpu_build/_C.abi3.so" "$work/flood_kernels/_C.abi3.so"
 cd "$work"
 "$PY" -m pytest -q -n "${WORKERS:-2}" -p no:cacheprovider "$@"
