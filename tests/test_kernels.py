@@ -68,6 +68,27 @@ def test_rows_narrower_than_a_vector(device, backend, option_set, v):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("v", [5, 67, 4099])
+def test_confident_rows_under_softcap(device, backend, v):
+    """Rows whose target holds most of the probability, softcapped: l_y = lse - z_y and the target's gradient
+    p_y - 1 cancel to a small fraction of their terms, so z_y must be the value the row's lse was computed from, rounding
+    included. Both stay within one float32 ulp of lse (eps |lse|), what a float32 lse allows; the CPU kernel
+    once took z_y from a scalar tanh that rounds differently from its vector tanh (errors of ~2 of those)."""
+    n = 512
+    x = random_logits(n, v, device)
+    target = torch.randint(0, v, (n,), device=device)
+    x[torch.arange(n, device=device), target] = x.amax(dim=1) + 6.0
+    kwargs = dict(softcap=30.0, flood=None, reduction="none")
+    loss, _, grad = loss_and_grad(x, target, backend=backend, **kwargs)
+    ref_loss, _, ref_grad = reference64(x, target, **kwargs)
+    lse = torch.logsumexp(30.0 * torch.tanh(x.double() / 30.0), dim=1)
+    lse_ulp = torch.finfo(torch.float32).eps * lse.abs().max().item()
+    assert ref_loss.max() < 0.25  # confident rows indeed: p_y > 0.78
+    assert (loss.double() - ref_loss).abs().max().item() <= lse_ulp
+    assert (grad.double() - ref_grad).abs().max().item() <= lse_ulp  # d loss.sum() / d l_i = 1: terms of size 1
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 @pytest.mark.parametrize("grad_output", [1.0, -1.0, 1e4])
 def test_batch_flooding_flips_the_gradient_below_the_level(device, backend, grad_output):
     n, v = 8, 50

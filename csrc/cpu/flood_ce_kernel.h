@@ -301,15 +301,31 @@ struct RowMath {
     return shift + std::log(sum);
   }
 
+  // The target's capped logit z_y = softcap tanh(x_y / softcap) and dz_y / dx_y, by the same code that gave
+  // the row's lse its z_y (the vector tanh, or the scalar one for rows narrower than a vector): the two round
+  // differently, and a confident row's 1 - p_y = 1 - exp(z_y - lse) must not see that difference (it did:
+  // ~1e-6 absolute, 20x torch's own fp32 error, in the target's gradient).
+  void capped_target(A x_target, A& z, A& dz) const {
+    if (V < W) {
+      A th;
+      stanh_with_derivative(x_target / softcap, th, dz);
+      z = softcap * th;
+      return;
+    }
+    Vec th, dth;
+    vtanh_with_derivative(Vec(x_target) / Vec(softcap), th, dth);
+    (Vec(softcap) * th).store(&z, 1);
+    dth.store(&dz, 1);
+  }
+
   // l_i from the row's lse: 0 for ignore_index, NaN for a target outside [0, V).
   A loss_of(const T* x, int64_t target, A lse, A smoothing_sum) const {
     const bool in_range = target >= 0 && target < V;
     const int64_t safe_target = in_range ? target : 0;
     A z_target = static_cast<A>(x[safe_target]);
     if (has_softcap) {
-      A th, dth;
-      stanh_with_derivative(z_target / softcap, th, dth);
-      z_target = softcap * th;
+      A dz_target;
+      capped_target(z_target, z_target, dz_target);
     }
     const A w_target = weight ? weight[safe_target] : A(1);
     A loss = (A(1) - eps) * w_target * (lse - z_target);
@@ -341,11 +357,7 @@ struct RowMath {
     const int64_t safe_target = t.in_range ? target : 0;
     A z_target = static_cast<A>(x[safe_target]);
     t.dz_target = A(1);
-    if (has_softcap) {
-      A th;
-      stanh_with_derivative(z_target / softcap, th, t.dz_target);
-      z_target = softcap * th;
-    }
+    if (has_softcap) capped_target(z_target, z_target, t.dz_target);
     t.p_target = sexp(z_target - lse);
     t.w_target = weight ? weight[safe_target] : A(1);
     t.target_coef = (A(1) - eps) * t.w_target + reverse_coef * t.p_target;
