@@ -11,7 +11,8 @@ the result:
 * no local memory (register spills or stack) in the resource usage that cuobjdump reports;
 * at a V that is a multiple of 16, the PTX must load the logits with 16-byte vector loads
   (``ld.global.v4.b32`` / ``.v2.b64``), and the kernels that write a gradient (backward, loss_and_grad,
-  scale_grad) must store it with 16-byte vector stores.
+  scale_grad) must store it with 16-byte vector stores;
+* no float64 instruction in a kernel of float32 arithmetic (float64 logits are the only float64 kernels).
 
 Small vocabularies (V = 1, 10, 1000: other block sizes and warp counts, unaligned rows) must compile too.
 Prints a table (registers per thread, shared memory, load width per variant) and exits non-zero on failure.
@@ -47,19 +48,23 @@ ACC = {"fp64": "fp64"}
 CUOBJDUMP = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "cuobjdump")
 
 
+# The float options as a launch passes them (Python floats: fp32), each followed later by its rounding error.
+OPTIONS = {name: "fp32" for name in ("label_smoothing", "z_loss", "softcap", "reverse_ce_coef", "label_smoothing_lo",
+                                     "z_loss_lo", "softcap_lo", "reverse_ce_coef_lo")}
+
+
 def forward_signature(dtype: str):
     acc = ACC.get(dtype, "fp32")
     return {"losses_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
             "weight_ptr": f"*{acc}", "logits_row_stride": "i32", "n_classes": "i32", "ignore_index": "i32",
-            "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+            **OPTIONS}
 
 
 def backward_signature(dtype: str):
     acc = ACC.get(dtype, "fp32")
     return {"grad_ptr": f"*{dtype}", "grad_losses_ptr": f"*{acc}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
             "weight_ptr": f"*{acc}", "weight_sum_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "grad_row_stride": "i32",
-            "logits_row_stride": "i32", "n_classes": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-            "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+            "logits_row_stride": "i32", "n_classes": "i32", "ignore_index": "i32", **OPTIONS}
 
 
 def loss_and_grad_signature(dtype: str):
@@ -67,8 +72,7 @@ def loss_and_grad_signature(dtype: str):
     return {"losses_ptr": f"*{acc}", "grad_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "target_ptr": "*i64",
             "weight_ptr": f"*{acc}", "weight_sum_ptr": f"*{acc}", "flood_level_ptr": f"*{acc}",
             "grad_scale_ptr": f"*{acc}", "grad_row_stride": "i32", "logits_row_stride": "i32",
-            "flood_level_stride": "i32", "n_classes": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-            "z_loss": "fp32", "softcap": "fp32", "reverse_ce_coef": "fp32"}
+            "flood_level_stride": "i32", "n_classes": "i32", "ignore_index": "i32", **OPTIONS}
 
 
 def scale_grad_signature(dtype: str):
@@ -144,6 +148,8 @@ def check_variant(name, kernel, signature, switches, dtype: str, arch: int, conf
     vector_accesses = bool(re.search(r"ld\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
     if name != "forward":
         vector_accesses &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
+    # Float options reach a float32 kernel as float32 (the float64 kernels also add their rounding errors).
+    fp64_math = [line.strip() for line in ptx.splitlines() if dtype != "fp64" and re.search(r"\.f64\b", line)]
     local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
     print(f"| {name} | {dtype} | {v} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "
           f"{'yes' if vector_accesses else 'NO'} | {time.perf_counter() - start:.1f} |")
@@ -152,6 +158,8 @@ def check_variant(name, kernel, signature, switches, dtype: str, arch: int, conf
         failures.append(f"{label}: {local} bytes of local memory (spills)")
     if not vector_accesses and v % 16 == 0:  # unaligned rows cannot use vector accesses
         failures.append(f"{label}: no 16-byte vector loads / stores of the rows")
+    if fp64_math:
+        failures.append(f"{label}: fp64 arithmetic in a float32 kernel: {fp64_math[:3]}")
     return failures
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -150,6 +151,38 @@ def test_half_precision(device, backend, dtype, option_set):
         assert_loss_close(loss, ref_loss)
         assert_loss_close(raw, ref_raw)
         assert_grad_close(grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+@pytest.mark.parametrize("flood,reduction", [("batch", "mean"), ("individual", "none"), (None, "sum")])
+def test_float64_options_are_not_rounded_to_float32(device, backend, flood, reduction):
+    """float64 logits get float64 arithmetic, the float options included: none of these values is a float32
+    number, and rounding them to one (as a Triton launch does to a Python float) costs ~1e-8 relative."""
+    n, v = 13, 67
+    x = random_logits(n, v, device, dtype=torch.float64)
+    target = random_target(n, v, device, ignore_fraction=0.2, ignore_index=1)
+    kwargs = dict(weight=(torch.rand(v, dtype=torch.float64) + 0.25).to(device), label_smoothing=0.1, z_loss=1e-3,
+                  softcap=3.3, reverse_ce=0.3, reverse_ce_log_zero=-4.1, ignore_index=1, flood=flood,
+                  reduction=reduction, flood_level=2.2)
+    loss, raw, grad = loss_and_grad(x, target, -1.3, backend=backend, **kwargs)
+    ref_loss, ref_raw, ref_grad = reference64(x, target, -1.3, **kwargs)
+    assert_loss_close(loss, ref_loss, rtol=1e-12)
+    assert_loss_close(raw, ref_raw, rtol=1e-12)
+    assert_grad_close(grad, ref_grad, torch.float64)
+
+
+def test_triton_launch_splits_float_options():
+    """What the Triton launchers pass for the float options (a launch makes every Python float a float32): their
+    float32 values, then the float32 rounding errors, which float64 kernels add back (within 2**-48); beyond
+    float32's range an option is infinite with no error term (not inf - inf = NaN in a float64 kernel)."""
+    cross_entropy = pytest.importorskip("flood_kernels.triton.cross_entropy")
+    options = (0.1, 1e-3, 3.3, 1e39)
+    split = cross_entropy._split(*options)
+    rounded, errors = split[:4], split[4:]
+    for option, value, error in zip(options[:3], rounded, errors):
+        assert value == torch.tensor(option, dtype=torch.float32).item() != option
+        assert abs(value + error - option) <= 2.0 ** -48 * option
+    assert rounded[3] == math.inf and errors[3] == 0.0
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)

@@ -28,6 +28,8 @@ budget that scripts/check_triton_compile.py checks.
 from __future__ import annotations
 
 import contextlib
+import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +38,17 @@ import triton.language as tl
 from torch import Tensor
 
 _TORCH_TO_TRITON_ACC = {torch.float64: tl.float64}
+
+
+@triton.jit
+def _option(value, rounding_error, ACC_DTYPE: tl.constexpr):
+    """A float option in the accumulation dtype. A launch passes every Python float as float32, so the launcher
+    splits each option into its float32 value and the float32 rounding of what that left out (:func:`_split`):
+    float32 kernels use the first alone, as a plain float32 argument; float64 kernels add the two, within
+    2**-48 of the option instead of float32's 2**-24."""
+    if ACC_DTYPE == tl.float64:
+        value = tl.full([], value, tl.float64) + tl.full([], rounding_error, tl.float64)
+    return value
 
 
 @triton.jit
@@ -202,7 +215,10 @@ def _grad_coefficients(
     if HAS_REVERSE_CE:
         z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
         target_coef += reverse_ce_coef * tl.exp(z_target - lse)
-    smoothing_coef = label_smoothing / n_classes
+    if HAS_SMOOTHING or ACC_DTYPE == tl.float32:
+        smoothing_coef = label_smoothing / n_classes
+    else:  # 0 without its division: in float64 a call to a slow path, whose stack frame the row variants avoid
+        smoothing_coef = 0.0
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
     else:
@@ -275,12 +291,16 @@ def _forward_kernel(
     # strides and sizes
     logits_row_stride,
     n_classes,
-    # scalar options
+    # scalar options; each float one also as the float32 rounding error of its value (see _option)
     ignore_index,
     label_smoothing,
     z_loss,
     softcap,
     reverse_ce_coef,  # reverse_ce * (-reverse_ce_log_zero)
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    reverse_ce_coef_lo,
     # compile-time switches
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -288,10 +308,15 @@ def _forward_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    softcap = _option(softcap, softcap_lo, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     lse, smoothing_sum, weight_sum = _row_stats(
         row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    # The other options only now: a float64 kernel holds them in registers from here on, not across the row.
+    label_smoothing = _option(label_smoothing, label_smoothing_lo, ACC_DTYPE)
+    z_loss = _option(z_loss, z_loss_lo, ACC_DTYPE)
+    reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     target = tl.load(target_ptr + row)
     loss = _row_loss(
         row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
@@ -316,12 +341,16 @@ def _backward_kernel(
     grad_row_stride,
     logits_row_stride,
     n_classes,
-    # scalar options
+    # scalar options; each float one also as the float32 rounding error of its value (see _option)
     ignore_index,
     label_smoothing,
     z_loss,
     softcap,
     reverse_ce_coef,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    reverse_ce_coef_lo,
     # compile-time switches
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -330,6 +359,10 @@ def _backward_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    label_smoothing = _option(label_smoothing, label_smoothing_lo, ACC_DTYPE)
+    z_loss = _option(z_loss, z_loss_lo, ACC_DTYPE)
+    softcap = _option(softcap, softcap_lo, ACC_DTYPE)
+    reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row)
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
@@ -357,12 +390,16 @@ def _loss_and_grad_kernel(
     logits_row_stride,
     flood_level_stride,  # 0 for one level broadcast to every row
     n_classes,
-    # scalar options
+    # scalar options; each float one also as the float32 rounding error of its value (see _option)
     ignore_index,
     label_smoothing,
     z_loss,
     softcap,
     reverse_ce_coef,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    reverse_ce_coef_lo,
     # compile-time switches
     FLOOD_ROWS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -376,6 +413,7 @@ def _loss_and_grad_kernel(
     """The forward's loss and the backward's gradient in one program per row. ROW_RESIDENT: the row is loaded
     once and kept in registers, the statistics and the gradient both come from that one load. Else the
     statistics pass reads the row from memory in blocks, the gradient pass reads it again from cache."""
+    softcap = _option(softcap, softcap_lo, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     row_grad_ptr = grad_ptr + row * grad_row_stride
@@ -390,6 +428,10 @@ def _loss_and_grad_kernel(
         lse, smoothing_sum, weight_sum = _row_stats(
             row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE,
             BLOCK_V)
+    # The other options only now: a float64 kernel holds them in registers from here on, not across the row.
+    label_smoothing = _option(label_smoothing, label_smoothing_lo, ACC_DTYPE)
+    z_loss = _option(z_loss, z_loss_lo, ACC_DTYPE)
+    reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     target = tl.load(target_ptr + row)
     loss = _row_loss(
         row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
@@ -507,6 +549,21 @@ def _check_targets_on_cpu(target: Tensor, n_classes: int, ignore_index: int) -> 
             raise IndexError(f"target {int(target[bad][0])} is out of bounds for {n_classes} classes")
 
 
+def _split(*options: float) -> Tuple[float, ...]:
+    """The float options as a launch passes them (see :func:`_option`): each rounded to float32, then each one's
+    rounding error rounded to float32 (0 for an option beyond float32's range, which becomes infinite)."""
+    rounded = [_to_float32(option) for option in options]
+    errors = [_to_float32(option - value) if math.isfinite(value) else 0.0 for option, value in zip(options, rounded)]
+    return (*rounded, *errors)
+
+
+def _to_float32(value: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -534,7 +591,7 @@ def forward(
             losses, lse,
             logits, target, weight if weight is not None else losses,
             logits.stride(0), n_classes,
-            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            ignore_index, *_split(label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero),
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_SOFTCAP=softcap > 0.0,
@@ -570,7 +627,7 @@ def backward(
             grad,
             grad_losses, logits, target, weight if weight is not None else lse, weight_sum, lse,
             grad.stride(0), logits.stride(0), n_classes,
-            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            ignore_index, *_split(label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero),
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=has_smoothing,
             HAS_SOFTCAP=softcap > 0.0,
@@ -618,7 +675,7 @@ def loss_and_grad(
             logits, target, weight if weight is not None else losses, weight_sum,
             flood_level if flood_rows else losses, grad_scale,
             grad.stride(0), logits.stride(0), flood_level.stride(0) if flood_rows else 0, n_classes,
-            ignore_index, label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero,
+            ignore_index, *_split(label_smoothing, z_loss, softcap, reverse_ce * -reverse_ce_log_zero),
             FLOOD_ROWS=flood_rows,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=has_smoothing,
