@@ -100,7 +100,8 @@ def v_and_largest_resident_v(dtype: str, switches: dict):
     """V, and the largest aligned and unaligned Vs that loss_and_grad keeps in registers (its registers grow
     with V)."""
     dtype, softcap = DTYPES[dtype], switches["HAS_SOFTCAP"]
-    return V, ce._resident_classes(dtype, softcap), ce._resident_classes(dtype, softcap, aligned=False) - 1
+    unaligned = ce._resident_classes(dtype, softcap, aligned=False) - 1  # -1: no unaligned row is kept (fp64)
+    return (V, ce._resident_classes(dtype, softcap)) + ((unaligned,) if unaligned > 0 else ())
 
 
 def compile_variant(kernel, signature, switches, dtype: str, arch: int, config, v: int = V):

@@ -86,7 +86,7 @@ def test_sign_is_zero_at_the_level_and_nan_stays_nan(device, backend):
         losses = flooded_cross_entropy(x, target, flood=None, reduction="none", backend=backend)
     level = losses.clone()
     level[1] += 1.0
-    level[2] -= 1.0
+    level[2] *= 0.5  # below the loss and still >= 0 (a loss under 1 minus 1 was a negative level: an error)
     level[4] = 0.0
     _, _, grad = run(x, target, True, backend, flood="individual", flood_level=level)
     _, _, plain = run(x, target, True, backend, flood=None)
@@ -304,9 +304,11 @@ def test_triton_keeps_rows_up_to_the_register_budget(dtype, softcap, limit):
     for v in (limit + 1, 300000):
         row_resident, block, num_warps = triton_ce._loss_and_grad_config(v, dtype, softcap)
         assert not row_resident and (block, num_warps) == triton_ce._launch_config(v, dtype.itemsize), v
-    # Rows that are not 16-aligned load element by element: a quarter of the budget (the compile check's spills).
-    unaligned_limit = limit // 4
-    assert triton_ce._loss_and_grad_config(unaligned_limit - 1, dtype, softcap, aligned=False)[0]
+    # Rows that are not 16-aligned load element by element: a quarter of the budget (the compile check's spills);
+    # none for fp64.
+    unaligned_limit = 0 if dtype == torch.float64 else limit // 4
+    if unaligned_limit:
+        assert triton_ce._loss_and_grad_config(unaligned_limit - 1, dtype, softcap, aligned=False)[0]
     row_resident, block, num_warps = triton_ce._loss_and_grad_config(unaligned_limit + 1, dtype, softcap, False)
     assert not row_resident and (block, num_warps) == triton_ce._launch_config(unaligned_limit + 1, dtype.itemsize)
 

@@ -7,14 +7,14 @@ Byte budget per call, for ``N x V`` logits of ``b`` bytes per element:
 * backward: one read of the logits and one write of the gradient (``2 N V b``). The per-row scale
   ``d loss / d l_i`` (grad_output, the flood sign and the mean denominator folded together on device) is
   read from memory inside the kernel, so neither the sign nor a GradScaler costs an extra pass.
-* loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the
-  per-row scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of
-  the logits and one write of the gradient (``2 N V b`` instead of ``3 N V b``). A row within
-  ``_RESIDENT_ROW_BYTES`` (V up to 16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap, a
-  quarter for a row not 16-aligned) is loaded once and kept in registers: the statistics and the gradient come
-  from that one load. A longer row is reduced in blocks, then re-read for the gradient last block first, so
-  that the blocks read most recently come from L2; with hundreds of long rows in flight part of that re-read
-  may come from HBM (to be measured: ncu's L2 hit rate).
+* loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the per-row
+  scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of the logits and
+  one write of the gradient (``2 N V b`` instead of ``3 N V b``). A row within ``_RESIDENT_ROW_BYTES`` (V up to
+  16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap, a quarter for a row not 16-aligned, none
+  for such an fp64 row) is loaded once and kept in registers: the statistics and the gradient come from
+  that one load. A longer row is reduced in blocks, then re-read for the gradient last block first, so that the
+  blocks read most recently come from L2; with hundreds of long rows in flight part of that re-read may come from
+  HBM (to be measured: ncu's L2 hit rate).
 * scale_grad_: multiplies a gradient in place by grad_output (``2 N V b``) unless grad_output is exactly 1,
   which each program checks on the device: then it costs one launch and no traffic, and no host sync.
 
@@ -505,7 +505,11 @@ def _resident_classes(dtype: torch.dtype, has_softcap: bool, aligned: bool = Tru
     """The most classes (a power of two) whose row loss_and_grad keeps in registers. A row that is not
     16-aligned (length, stride or start: Triton then cannot specialize the loads as 16-byte vectors) loads
     element by element, with more registers of addresses and masks: a quarter of the budget (at half, some
-    variants spill on sm_80 or reach the 128-register cap on sm_90)."""
+    variants spill on sm_80 or reach the 128-register cap on sm_90). None for such a row of fp64, whose float64
+    options and divisions (slow-path calls) take registers too: at a quarter or an eighth some of its variants
+    need a stack frame, with triton 3.6 or 3.9 (fp64 is for checking, not for speed)."""
+    if not aligned and dtype == torch.float64:
+        return 0
     accumulator_size = _acc_dtype(dtype).primitive_bitwidth // 8
     return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1) * (1 if aligned else 4))
 
