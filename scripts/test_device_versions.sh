@@ -23,4 +23,4 @@ print('\\n'.join(r for r in extras['test'] if r not in extras['triton']))")
 copy_checkout
 cp "$repo_root/.gpu_build/_C.abi3.so" "$work/flood_kernels/_C.abi3.so"
 cd "$work"
-"$PY" -m pytest -q -n "${WORKERS:-2}" -p no:cacheprovider "$@"
+"$PY" -m pytest -q -rf -n "${WORKERS:-2}" -p no:cacheprovider "$@"  # -rf: a failure is named in the summary
