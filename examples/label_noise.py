@@ -13,8 +13,9 @@ enough to memorize the flipped labels with plain cross-entropy. Compared, each w
 
 The flood level ``b`` (and ``rho``) is chosen per seed from a small grid by accuracy on the clean validation
 split; the grid for ``b`` is a few multiples of the label-noise entropy ``H(r) = -(1-r)log(1-r) - r log r``
-(2 classes), for flood+SCE of the symmetric loss's value at the noise floor (see ``noise_floor``). Reported: clean test accuracy at the last epoch (no early stopping) and the fraction of the
-flipped training points that the final model predicts with their flipped label ("memorized").
+(2 classes), for flood+SCE of the symmetric loss's value at the noise floor (see ``noise_floor``). Reported:
+clean test accuracy at the last epoch (no early stopping) and the fraction of the flipped training points that
+the final model predicts with their flipped label ("memorized").
 
     python examples/label_noise.py                 # the full run (a few minutes on one CPU thread)
     python examples/label_noise.py --noise 0.4     # 40% of the training labels flipped

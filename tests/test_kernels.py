@@ -72,9 +72,9 @@ def test_rows_narrower_than_a_vector(device, backend, option_set, v):
 @pytest.mark.parametrize("v", [5, 67, 4099])
 def test_confident_rows_under_softcap(device, backend, v):
     """Rows whose target holds most of the probability, softcapped: l_y = lse - z_y and the target's gradient
-    p_y - 1 cancel to a small fraction of their terms, so z_y must be the value the row's lse was computed from, rounding
-    included. Both stay within one float32 ulp of lse (eps |lse|), what a float32 lse allows; the CPU kernel
-    once took z_y from a scalar tanh that rounds differently from its vector tanh (errors of ~2 of those)."""
+    p_y - 1 cancel to a small fraction of their terms, so z_y must be the value the row's lse was computed from,
+    rounding included. Both stay within one float32 ulp of lse (eps |lse|), what a float32 lse allows; the CPU
+    kernel once took z_y from a scalar tanh that rounds differently from its vector tanh (errors of ~2 of those)."""
     n = 512
     x = random_logits(n, v, device)
     target = torch.randint(0, v, (n,), device=device)

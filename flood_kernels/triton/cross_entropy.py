@@ -215,10 +215,7 @@ def _grad_coefficients(
     if HAS_REVERSE_CE:
         z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
         target_coef += reverse_ce_coef * tl.exp(z_target - lse)
-    if HAS_SMOOTHING or ACC_DTYPE == tl.float32:
-        smoothing_coef = label_smoothing / n_classes
-    else:  # 0 without its division: in float64 a call to a slow path, whose stack frame the row variants avoid
-        smoothing_coef = 0.0
+    smoothing_coef = label_smoothing / n_classes
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
     else:
