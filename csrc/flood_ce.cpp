@@ -64,14 +64,28 @@ void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tenso
 
 namespace {
 
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
-  const int64_t n_rows = logits.size(0);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n_rows, op, ": ", name, " must have shape (", n_rows,
-              ",) (one per row of logits), got ", t.sizes());
+// t (named name) of the loss dtype, on logits' device.
+void check_loss_dtype_and_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
   TORCH_CHECK(t.scalar_type() == loss_dtype(logits.scalar_type()), op, ": ", name, " must be ",
               loss_dtype(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ", t.scalar_type());
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but logits are on ",
               logits.device());
+}
+
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  const int64_t n_rows = logits.size(0);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n_rows, op, ": ", name, " must have shape (", n_rows,
+              ",) (one per row of logits), got ", t.sizes());
+  check_loss_dtype_and_device(op, name, t, logits);
+}
+
+void check_lse(const char* op, const at::Tensor& lse, const at::Tensor& logits) {
+  const int64_t n_rows = logits.size(0);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == n_rows && lse.size(1) == 2, op, ": lse must have shape (", n_rows,
+              ", 2) (each row's shift and log_sum, as the forward op returns it), got ", lse.sizes());
+  TORCH_CHECK(lse.stride(1) == 1, op, ": lse must have stride 1 between a row's shift and log_sum, got strides ",
+              lse.strides());
+  check_loss_dtype_and_device(op, "lse", lse, logits);
 }
 
 void check_writable_rows(const char* op, const at::Tensor& logits) {
@@ -87,7 +101,7 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const 
                            c10::DeviceType device_type, bool in_place) {
   check_loss_inputs(op, logits, target, weight, device_type);
   check_row_vector(op, "grad_losses", grad_losses, logits);
-  check_row_vector(op, "lse", lse, logits);
+  check_lse(op, lse, logits);
   if (in_place) check_writable_rows(op, logits);
 }
 
@@ -97,11 +111,7 @@ void check_loss_and_grad_inputs(const char* op, const at::Tensor& logits, const 
   check_loss_inputs(op, logits, target, weight, device_type);
   check_row_vector(op, "flood_level", flood_level, logits);
   TORCH_CHECK(grad_scale.dim() == 0, op, ": grad_scale must be a 0-d tensor, got shape ", grad_scale.sizes());
-  TORCH_CHECK(grad_scale.scalar_type() == loss_dtype(logits.scalar_type()), op, ": grad_scale must be ",
-              loss_dtype(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ",
-              grad_scale.scalar_type());
-  TORCH_CHECK(grad_scale.device() == logits.device(), op, ": grad_scale is on ", grad_scale.device(),
-              " but logits are on ", logits.device());
+  check_loss_dtype_and_device(op, "grad_scale", grad_scale, logits);
 }
 
 void check_scale_grad_inputs(const char* op, const at::Tensor& grad, const at::Tensor& grad_output,
@@ -208,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
   const int64_t n_rows = logits.size(0);
   const auto options = logits.options().dtype(loss_dtype(logits.scalar_type()));
   at::Tensor losses = at::empty({n_rows}, options);
-  at::Tensor lse = at::empty({n_rows}, options);
+  at::Tensor lse = at::empty({n_rows, 2}, options);
   if (n_rows == 0) return {losses, lse};
   check_targets_cpu(target, logits.size(1), ignore_index);
   RowArgs a = make_args(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,

@@ -22,8 +22,9 @@ c10::ScalarType loss_dtype(c10::ScalarType logits_dtype);
 void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, c10::DeviceType device_type);
 
-// The backward ops: check_loss_inputs, plus grad_losses and lse (N,) of the loss dtype on logits' device, and
-// for the in-place op logits writable row by row (rows must not overlap).
+// The backward ops: check_loss_inputs, plus grad_losses (N,) and lse (N, 2) (each row's [shift, log_sum], see
+// LogSumExp; pair stride 1) of the loss dtype on logits' device, and for the in-place op logits writable row by
+// row (rows must not overlap).
 void check_backward_inputs(const char* op, const at::Tensor& grad_losses, const at::Tensor& logits,
                            const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                            c10::DeviceType device_type, bool in_place);
@@ -55,7 +56,7 @@ void empty_cpu_cache();
 struct RowArgs {
   // outputs
   void* losses = nullptr;       // forward: (N,) loss dtype, contiguous
-  void* lse_out = nullptr;      // forward: (N,) loss dtype, contiguous
+  void* lse_out = nullptr;      // forward: (N, 2) loss dtype, contiguous: [shift, log_sum] (LogSumExp)
   void* grad = nullptr;         // backward: (N, V) logits dtype (may be the logits themselves)
   int64_t grad_row_stride = 0;
   bool stream_grad = false;     // write grad with non-temporal stores (a large buffer, not the logits)
@@ -67,8 +68,8 @@ struct RowArgs {
   const void* weight = nullptr;  // (V,) loss dtype, contiguous, or null
   const void* grad_losses = nullptr;  // backward: (N,) loss dtype
   int64_t grad_losses_stride = 1;
-  const void* lse_in = nullptr;  // backward: (N,) loss dtype
-  int64_t lse_stride = 1;
+  const void* lse_in = nullptr;  // backward: (N, 2) loss dtype, [shift, log_sum] at stride 1
+  int64_t lse_stride = 2;        // between rows
   const void* flood_level = nullptr;  // loss_and_grad: (N,) loss dtype (stride 0 for one level)
   int64_t flood_level_stride = 0;
   const void* grad_scale = nullptr;   // loss_and_grad: () loss dtype, 1 / denominator or 1

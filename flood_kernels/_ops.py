@@ -27,8 +27,11 @@ GPU), and in the extension's CPU backend the whole loss is one op with one autog
     mean_denominator(target, weight?, ignore_index, dtype) -> denominator
 
 ``logits`` is ``(N, V)`` with class stride 1, ``target`` int64 ``(N,)``, ``weight`` ``(V,)`` in the loss
-dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` and ``lse``
-are ``(N,)`` in the loss dtype; ``grad_logits`` has the logits' dtype and is contiguous. Every backend has
+dtype (float32, or float64 for float64 logits), ``softcap == 0`` means no softcap. ``losses`` is ``(N,)``
+and ``lse`` ``(N, 2)`` in the loss dtype: each row's log-sum-exp as ``[shift, log_sum]`` (the row's max and
+``log sum exp(z - shift)``), not rounded into one float, so that a confident row's ``lse - z_y`` and
+``p_y - 1`` keep their own precision (``LogSumExp`` in ``csrc/flood_ce_math.h``). ``grad_logits`` has the
+logits' dtype and is contiguous. Every backend has
 the same autograd formula (registered here for the Triton ops, in ``csrc/flood_ce_autograd.cpp`` for the
 extension's, which saves the Python wrapper's per-call cost): the per-row ``grad_losses`` that autograd hands
 over already holds grad_output, the flood sign and the mean denominator, and goes straight to the kernel.
@@ -62,9 +65,9 @@ class KernelOps:
 
 
 def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
-    """Uninitialized ``(losses, lse)``; also the forward op's fake implementation."""
+    """Uninitialized ``(losses, lse)``, ``(N,)`` and ``(N, 2)``; also the forward op's fake implementation."""
     rows, dtype = logits.shape[0], loss_dtype(logits.dtype)
-    return logits.new_empty(rows, dtype=dtype), logits.new_empty(rows, dtype=dtype)
+    return logits.new_empty(rows, dtype=dtype), logits.new_empty(rows, 2, dtype=dtype)
 
 
 def _fake_backward(grad_losses: Tensor, logits: Tensor, *args: Any) -> Tensor:

@@ -181,7 +181,7 @@ class _LinearRowLosses(torch.autograd.Function):
         fused = any(needs) and not recompute
         rows = h.shape[0]
         losses = torch.empty(rows, dtype=loss_dtype(h.dtype), device=h.device)
-        lse = torch.empty_like(losses) if recompute and any(needs) and backend != "reference" else None
+        lse = losses.new_empty(rows, 2) if recompute and any(needs) and backend != "reference" else None
         grads = _Gradients(h, linear_weight, linear_bias, needs, accumulate_in_fp32) if fused else None
         factor = torch.empty_like(losses) if fused else None
         for start in range(0, rows, chunk_size):

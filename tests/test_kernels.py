@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 
-from flood_kernels import FloodedCrossEntropyLoss, flooded_cross_entropy
+from flood_kernels import FloodedCrossEntropyLoss, backends, flooded_cross_entropy
 from flood_kernels._flood import mean_denominator
 from flood_kernels._inputs import LossOptions
 from flood_kernels.functional import flooded_cross_entropy_with_options
 
-from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, loss_and_grad, materialize,
-                     random_logits, random_target, reference64, requires_cuda, row_term_scale, run_without_host_sync)
+from helpers import (KERNEL_CASES, OPTION_SETS, assert_grad_close, assert_loss_close, leaf_copy, loss_and_grad,
+                     materialize, random_logits, random_target, reference64, requires_cuda, row_term_scale,
+                     run_without_host_sync)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -70,23 +71,32 @@ def test_rows_narrower_than_a_vector(device, backend, option_set, v):
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
 @pytest.mark.parametrize("v", [5, 67, 4099])
-def test_confident_rows_under_softcap(device, backend, v):
-    """Rows whose target holds most of the probability, softcapped: l_y = lse - z_y and the target's gradient
-    p_y - 1 cancel to a small fraction of their terms, so z_y must be the value the row's lse was computed from,
-    rounding included. Both stay within one float32 ulp of lse (eps |lse|), what a float32 lse allows; the CPU
-    kernel once took z_y from a scalar tanh that rounds differently from its vector tanh (errors of ~2 of those)."""
-    n = 512
+@pytest.mark.parametrize("softcap,offset", [(None, 200.0), (30.0, 0.0)])
+def test_confident_rows_keep_their_own_precision(device, backend, v, softcap, offset):
+    """Rows whose target holds nearly all the probability: l_y = lse - z_y and the target's gradient p_y - 1 are
+    small differences of numbers near lse. The kernels keep lse as shift + log_sum (the row's max and
+    log sum exp(z - max); LogSumExp in csrc/flood_ce_math.h), so with logits offset by 200 both are exact to a
+    few float32 ulps of 1 (the rounding of the sum-exp: up to 11 on the CPU at V = 4099), not of |lse|: one
+    float32 lse gave 65 to 72 (torch's float32 F.cross_entropy on the CPU: 2 to 18). Both paths, forward +
+    backward and single-read. Under softcap z_y must be the value the row's statistics used, rounding included
+    (the CPU kernel once took it from a scalar tanh that rounds differently from its vector tanh)."""
+    n = 256
     x = random_logits(n, v, device)
     target = torch.randint(0, v, (n,), device=device)
-    x[torch.arange(n, device=device), target] = x.amax(dim=1) + 6.0
-    kwargs = dict(softcap=30.0, flood=None, reduction="none")
-    loss, _, grad = loss_and_grad(x, target, backend=backend, **kwargs)
-    ref_loss, _, ref_grad = reference64(x, target, **kwargs)
-    lse = torch.logsumexp(30.0 * torch.tanh(x.double() / 30.0), dim=1)
-    lse_ulp = torch.finfo(torch.float32).eps * lse.abs().max().item()
-    assert ref_loss.max() < 0.25  # confident rows indeed: p_y > 0.78
-    assert (loss.double() - ref_loss).abs().max().item() <= lse_ulp
-    assert (grad.double() - ref_grad).abs().max().item() <= lse_ulp  # d loss.sum() / d l_i = 1: terms of size 1
+    rows = torch.arange(n, device=device)
+    x[rows, target] = x.amax(dim=1) + 6.0 + 10.0 * torch.rand(n, device=device)
+    x += offset
+    options = LossOptions(flood=None, reduction="none", softcap=softcap)
+    ref_loss, _, ref_grad = reference64(x, target, flood=None, reduction="none", softcap=softcap)
+    assert ref_loss.max() < 0.25 and ref_loss.min() < 1e-4  # confident rows: p_y > 0.78, some 1 - p_y < 1e-4
+    bound = 24 * torch.finfo(torch.float32).eps  # d loss.sum() / d l_i = 1: terms of size 1
+    for single_read in (False, True) if backends.has_single_read(backend) else (False,):
+        leaf = leaf_copy(x)
+        loss, _ = flooded_cross_entropy_with_options(leaf, target, options, 0.0, None, backend,
+                                                     single_read=single_read)
+        loss.sum().backward()
+        assert (loss.detach().double() - ref_loss).abs().max().item() <= bound, single_read
+        assert (leaf.grad.double() - ref_grad).abs().max().item() <= bound, single_read
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
@@ -413,9 +423,27 @@ def test_gradcheck_float64(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
-def test_ops_pass_opcheck(device, backend):
-    from flood_kernels import backends
+def test_lse_is_the_row_max_and_log_sum_and_backward_checks_it(device, backend):
+    """The forward op's lse is (N, 2): each row's max and log sum exp(x - max) (LogSumExp), which the backward
+    reads; a tensor of another shape or layout is an error naming lse, not a read out of bounds."""
+    ops = backends.kernel_ops(backend)
+    x = random_logits(5, 37, device)
+    target = random_target(5, 37, device)
+    scalars = (-100, 0.0, 0.0, 0.0, 0.0, -4.0)
+    _, lse = ops.forward(x, target, None, *scalars, False)
+    assert lse.shape == (5, 2) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse[:, 0], x.amax(dim=1), rtol=0, atol=0)
+    x64 = x.double()
+    log_sum = (x64 - x64.amax(dim=1, keepdim=True)).exp().sum(1).log()
+    torch.testing.assert_close(lse[:, 1].double(), log_sum, rtol=1e-5, atol=1e-6)  # float32 standard
+    grad_losses = torch.randn(5, device=device)
+    for bad in (lse[:, 0].contiguous(), lse[:4], lse.t().contiguous().t()):  # (N,); 4 rows; pair stride N
+        with pytest.raises((RuntimeError, ValueError), match="lse"):
+            ops.backward(grad_losses, x, target, None, bad, *scalars)
 
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_ops_pass_opcheck(device, backend):
     ops = backends.kernel_ops(backend)
     x = random_logits(5, 37, device)
     target = random_target(5, 37, device, ignore_fraction=0.3)

@@ -285,8 +285,8 @@ def test_vocabulary_sizes(device, backend, v):
 # (logits dtype, softcap, the most classes whose row Triton's loss_and_grad keeps in registers), written out
 # so that a change of the budget shows here.
 RESIDENT_LIMITS = [(torch.float32, False, 16384), (torch.bfloat16, False, 16384), (torch.float16, False, 16384),
-                   (torch.float64, False, 8192), (torch.float32, True, 8192), (torch.bfloat16, True, 8192),
-                   (torch.float16, True, 8192), (torch.float64, True, 4096)]
+                   (torch.float64, False, 4096), (torch.float32, True, 8192), (torch.bfloat16, True, 8192),
+                   (torch.float16, True, 8192), (torch.float64, True, 2048)]
 
 
 @pytest.mark.parametrize("dtype,softcap,limit", RESIDENT_LIMITS)

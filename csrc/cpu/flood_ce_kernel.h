@@ -177,11 +177,12 @@ struct RowMath {
   const T* logits_row(int64_t row) const { return static_cast<const T*>(args.logits) + row * args.logits_row_stride; }
   int64_t target_of(int64_t row) const { return args.target[row * args.target_stride]; }
 
-  // log-sum-exp of the row's (capped) logits, one read of memory: running max / sum-exp in chunks that stay
-  // in L1 (max pass, then exp pass over the same chunk). Also sum_c w_c z_c (sum_c z_c without weights).
+  // log-sum-exp of the row's (capped) logits as (shift, log_sum), one read of memory: running max / sum-exp in
+  // chunks that stay in L1 (max pass, then exp pass over the same chunk). Also sum_c w_c z_c (sum_c z_c without
+  // weights).
   // With `exps`, also keeps exp(z_c - shift_k) for every class and the shift of each chunk k, so that the
   // gradient can be had without a second exp (write_grad_from_exps).
-  A lse_of(const T* x, A& smoothing_sum, A* exps = nullptr, A* chunk_shifts = nullptr) const {
+  LogSumExp<A> lse_of(const T* x, A& smoothing_sum, A* exps = nullptr, A* chunk_shifts = nullptr) const {
     if (V < W) return lse_of_narrow(x, smoothing_sum, exps, chunk_shifts);
     alignas(64) A buf[kChunk];
     const A neg_inf = -std::numeric_limits<A>::infinity();
@@ -269,12 +270,12 @@ struct RowMath {
       running_max = new_max;
       if (has_smoothing) smoothing_sum += reduce_sum(vsmooth);
     }
-    return (running_max == neg_inf ? A(0) : running_max) + std::log(running_sum);
+    return {running_max == neg_inf ? A(0) : running_max, std::log(running_sum)};
   }
 
   // lse_of for a row narrower than one vector (a classifier's few classes): the same math in scalar code,
   // without the masked vector loads and lane reductions that would cost more than the row.
-  A lse_of_narrow(const T* x, A& smoothing_sum, A* exps, A* chunk_shifts) const {
+  LogSumExp<A> lse_of_narrow(const T* x, A& smoothing_sum, A* exps, A* chunk_shifts) const {
     const A neg_inf = -std::numeric_limits<A>::infinity();
     A z[W];
     A row_max = neg_inf;
@@ -298,7 +299,7 @@ struct RowMath {
       sum += e;
     }
     if (chunk_shifts != nullptr) chunk_shifts[0] = shift;
-    return shift + std::log(sum);
+    return {shift, std::log(sum)};
   }
 
   // The target's capped logit z_y = softcap tanh(x_y / softcap) and dz_y / dx_y, by the same code that gave
@@ -319,7 +320,7 @@ struct RowMath {
   }
 
   // l_i from the row's lse: 0 for ignore_index, NaN for a target outside [0, V).
-  A loss_of(const T* x, int64_t target, A lse, A smoothing_sum) const {
+  A loss_of(const T* x, int64_t target, const LogSumExp<A>& row_lse, A smoothing_sum) const {
     const bool in_range = target >= 0 && target < V;
     const int64_t safe_target = in_range ? target : 0;
     A z_target = static_cast<A>(x[safe_target]);
@@ -328,7 +329,8 @@ struct RowMath {
       capped_target(z_target, z_target, dz_target);
     }
     const A w_target = weight ? weight[safe_target] : A(1);
-    A loss = (A(1) - eps) * w_target * (lse - z_target);
+    const A lse = row_lse.value();
+    A loss = (A(1) - eps) * w_target * ((row_lse.shift - z_target) + row_lse.log_sum);
     if (has_smoothing) {
       if (weight) {
         loss += eps / static_cast<A>(V) * (lse * weight_sum - smoothing_sum);
@@ -337,7 +339,7 @@ struct RowMath {
       }
     }
     loss += z_loss * lse * lse;
-    loss += reverse_coef * (A(1) - sexp(z_target - lse));
+    loss += reverse_coef * (A(1) - sexp(row_lse.log_prob(z_target)));
     if (!in_range) loss = std::numeric_limits<A>::quiet_NaN();
     if (target == args.ignore_index) loss = A(0);
     return loss;
@@ -351,17 +353,17 @@ struct RowMath {
     A p_target, w_target, dz_target, target_coef, prob_coef;
   };
 
-  TargetTerms target_terms(const T* x, int64_t target, A lse) const {
+  TargetTerms target_terms(const T* x, int64_t target, const LogSumExp<A>& lse) const {
     TargetTerms t;
     t.in_range = target >= 0 && target < V;
     const int64_t safe_target = t.in_range ? target : 0;
     A z_target = static_cast<A>(x[safe_target]);
     t.dz_target = A(1);
     if (has_softcap) capped_target(z_target, z_target, t.dz_target);
-    t.p_target = sexp(z_target - lse);
+    t.p_target = sexp(lse.log_prob(z_target));
     t.w_target = weight ? weight[safe_target] : A(1);
     t.target_coef = (A(1) - eps) * t.w_target + reverse_coef * t.p_target;
-    t.prob_coef = t.target_coef + smoothing_coef * total_weight + A(2) * z_loss * lse;
+    t.prob_coef = t.target_coef + smoothing_coef * total_weight + A(2) * z_loss * lse.value();
     return t;
   }
 
@@ -409,19 +411,19 @@ struct RowMath {
 
   // g = scale * d l_i / d x (one read of x, one write of g; g may alias x): exact zeros for ignore_index,
   // NaN for a target outside [0, V).
-  void write_grad(const T* x, T* g, int64_t target, A lse, A scale) const {
+  void write_grad(const T* x, T* g, int64_t target, const LogSumExp<A>& lse, A scale) const {
     if (target == args.ignore_index) {
       std::memset(static_cast<void*>(g), 0, sizeof(T) * V);  // exact zeros, whatever the logits hold
       return;
     }
     const TargetTerms t = target_terms(x, target, lse);
     if (!t.in_range) scale = std::numeric_limits<A>::quiet_NaN();
-    const Vec vlse(lse), vprob(t.prob_coef), vscale(scale);
+    const Vec vshift(lse.shift), vlog_sum(lse.log_sum), vprob(t.prob_coef), vscale(scale);
     auto grad_of = [&](const Vec& xv, int64_t col, int64_t count) {
-      if (!has_softcap) return scaled_grad(vexp(xv - vlse), vprob, vscale, col, count);
+      if (!has_softcap) return scaled_grad(vexp((xv - vshift) - vlog_sum), vprob, vscale, col, count);
       Vec th, dz;
       vtanh_with_derivative(xv / Vec(softcap), th, dz);
-      return scaled_grad(vexp(Vec(softcap) * th - vlse), vprob, vscale, col, count) * dz;
+      return scaled_grad(vexp((Vec(softcap) * th - vshift) - vlog_sum), vprob, vscale, col, count) * dz;
     };
     const int64_t full = V - V % W;
     const bool stream = streams(g);
@@ -435,7 +437,7 @@ struct RowMath {
 
   // write_grad without softcap from the exps and chunk shifts that lse_of kept: p_c = exp(z_c - shift_k) *
   // exp(shift_k - lse), one multiply per class instead of an exp, and the logits are not read again.
-  void write_grad_from_exps(const T* x, T* g, int64_t target, A lse, A scale, const A* exps,
+  void write_grad_from_exps(const T* x, T* g, int64_t target, const LogSumExp<A>& lse, A scale, const A* exps,
                             const A* chunk_shifts) const {
     if (target == args.ignore_index) {
       std::memset(static_cast<void*>(g), 0, sizeof(T) * V);
@@ -448,7 +450,7 @@ struct RowMath {
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t len = std::min(kChunk, V - c0);
       const int64_t full = len - len % W;
-      const Vec rescale(sexp(chunk_shifts[c0 / kChunk] - lse));
+      const Vec rescale(sexp(lse.log_prob(chunk_shifts[c0 / kChunk])));
       for (int64_t j = 0; j < full; j += W) {
         store_grad(g + c0 + j, scaled_grad(Vec::loadu(exps + c0 + j) * rescale, vprob, vscale, c0 + j, W), W,
                    stream);
@@ -466,7 +468,7 @@ struct RowMath {
 
 // ---- the three row kernels ----------------------------------------------------------------------------
 
-// forward: one read of each row; writes l_i and lse_i.
+// forward: one read of each row; writes l_i and lse_i (as its shift and log_sum).
 template <typename T>
 void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   using A = typename AccOf<T>::type;
@@ -474,9 +476,11 @@ void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = m.logits_row(row);
     A smoothing_sum;
-    const A lse = m.lse_of(x, smoothing_sum);
+    const LogSumExp<A> lse = m.lse_of(x, smoothing_sum);
     static_cast<A*>(args.losses)[row] = m.loss_of(x, m.target_of(row), lse, smoothing_sum);
-    static_cast<A*>(args.lse_out)[row] = lse;
+    A* lse_out = static_cast<A*>(args.lse_out) + 2 * row;
+    lse_out[0] = lse.shift;
+    lse_out[1] = lse.log_sum;
   }
 }
 
@@ -490,7 +494,8 @@ void backward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   const A* lse_in = static_cast<const A*>(args.lse_in);
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
-    m.write_grad(m.logits_row(row), g, m.target_of(row), lse_in[row * args.lse_stride],
+    const A* row_lse = lse_in + row * args.lse_stride;
+    m.write_grad(m.logits_row(row), g, m.target_of(row), LogSumExp<A>{row_lse[0], row_lse[1]},
                  grad_losses[row * args.grad_losses_stride]);
   }
   if (args.stream_grad) stream_fence();
@@ -519,8 +524,8 @@ void loss_and_grad_rows(const RowArgs& args, int64_t row_begin, int64_t row_end)
     const T* x = m.logits_row(row);
     const int64_t target = m.target_of(row);
     A smoothing_sum;
-    const A lse = keep_exps ? m.lse_of(x, smoothing_sum, exps.data(), chunk_shifts.data())
-                            : m.lse_of(x, smoothing_sum);
+    const LogSumExp<A> lse = keep_exps ? m.lse_of(x, smoothing_sum, exps.data(), chunk_shifts.data())
+                                       : m.lse_of(x, smoothing_sum);
     const A loss = m.loss_of(x, target, lse, smoothing_sum);
     static_cast<A*>(args.losses)[row] = loss;
     A sign = A(1);

@@ -116,7 +116,7 @@ __device__ __forceinline__ int64_t head_elements(const void* p, int64_t n) {
 struct KernelParams {
   // outputs
   void* losses;       // forward, loss_and_grad (N,)
-  void* lse_out;      // forward (N,)
+  void* lse_out;      // forward (N, 2): [shift, log_sum] (LogSumExp)
   void* grad;         // backward (N, V), may alias logits; loss_and_grad (N, V) contiguous, a new tensor
   int64_t grad_row_stride;
   // inputs
@@ -128,8 +128,8 @@ struct KernelParams {
   const void* weight_sum;  // () loss dtype, device scalar, or null (backward with weight and smoothing)
   const void* grad_losses;
   int64_t grad_losses_stride;
-  const void* lse_in;
-  int64_t lse_stride;
+  const void* lse_in;  // backward (N, 2), [shift, log_sum] at stride 1
+  int64_t lse_stride;  // between rows
   // sizes
   int64_t n_rows;
   int64_t n_classes;
@@ -296,23 +296,24 @@ __device__ __forceinline__ void reduce_warp_totals(const WarpTotals<A>& totals, 
   warp_reduce(st, smooth);
 }
 
-// The row's log-sum-exp from its (max, sum-exp) totals.
+// The row's log-sum-exp from its (max, sum-exp) totals, as (shift, log_sum).
 template <typename A>
-__device__ __forceinline__ A lse_of(const MaxSum<A>& st) {
-  return (st.m == neg_inf<A>() ? A(0) : st.m) + dlog(st.s);
+__device__ __forceinline__ LogSumExp<A> lse_of(const MaxSum<A>& st) {
+  return {st.m == neg_inf<A>() ? A(0) : st.m, dlog(st.s)};
 }
 
 // l_i from the row's lse and smoothing sum (one thread): 0 for ignore_index, NaN for a target outside [0, V).
 // weight, V and softcap are p's, unpacked by the caller.
 template <typename T, bool SOFTCAP, bool SMOOTHING, typename A>
 __device__ __forceinline__ A row_loss(const KernelParams& p, const T* x, const A* weight, int64_t V, A softcap,
-                                      int64_t target, A lse, A smooth) {
+                                      int64_t target, const LogSumExp<A>& row_lse, A smooth) {
   const bool in_range = target >= 0 && target < V;
   const int64_t safe_target = in_range ? target : 0;
   const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
   const A w_target = weight ? weight[safe_target] : A(1);
   const A eps = static_cast<A>(p.label_smoothing);
-  A loss = (A(1) - eps) * w_target * (lse - z_target);
+  const A lse = row_lse.value();
+  A loss = (A(1) - eps) * w_target * ((row_lse.shift - z_target) + row_lse.log_sum);
   if constexpr (SMOOTHING) {
     if (weight) {
       // sum(w) comes from the host side as a device scalar (weight.sum(), no sync), not from a per-row loop.
@@ -322,7 +323,7 @@ __device__ __forceinline__ A row_loss(const KernelParams& p, const T* x, const A
     }
   }
   loss += static_cast<A>(p.z_loss) * lse * lse;
-  loss += static_cast<A>(p.reverse_coef) * (A(1) - dexp(z_target - lse));
+  loss += static_cast<A>(p.reverse_coef) * (A(1) - dexp(row_lse.log_prob(z_target)));
   if (!in_range) loss = std::numeric_limits<A>::quiet_NaN();
   if (target == p.ignore_index) loss = A(0);
   return loss;
@@ -338,7 +339,7 @@ struct RowGradient {
   using A = typename AccOf<T>::type;
   const A* weight;
   A softcap;
-  A lse;
+  LogSumExp<A> lse;
   A scale;
   A prob_coef;
   A target_coef;
@@ -346,7 +347,8 @@ struct RowGradient {
   int64_t target;
 
   // x: the row's logits, of which the target's is read here; scale: the row's d loss / d l_i.
-  __device__ __forceinline__ RowGradient(const KernelParams& p, const T* x, int64_t target_, A lse_, A scale_)
+  __device__ __forceinline__ RowGradient(const KernelParams& p, const T* x, int64_t target_, LogSumExp<A> lse_,
+                                         A scale_)
       : weight(static_cast<const A*>(p.weight)), softcap(static_cast<A>(p.softcap)), lse(lse_), target(target_) {
     const int64_t V = p.n_classes;
     const bool in_range = target >= 0 && target < V;
@@ -355,13 +357,13 @@ struct RowGradient {
     const A z_target = capped<A, SOFTCAP>(static_cast<A>(x[safe_target]), softcap);
     const A w_target = weight ? weight[safe_target] : A(1);
     scale = in_range ? scale_ : std::numeric_limits<A>::quiet_NaN();
-    target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * dexp(z_target - lse);
+    target_coef = (A(1) - eps) * w_target + static_cast<A>(p.reverse_coef) * dexp(lse.log_prob(z_target));
     smoothing_coef = eps / static_cast<A>(V);
     A total_weight = static_cast<A>(V);
     if constexpr (SMOOTHING) {
       if (weight) total_weight = *static_cast<const A*>(p.weight_sum);
     }
-    prob_coef = target_coef + smoothing_coef * total_weight + A(2) * static_cast<A>(p.z_loss) * lse;
+    prob_coef = target_coef + smoothing_coef * total_weight + A(2) * static_cast<A>(p.z_loss) * lse.value();
   }
 
   // The gradient at class col, whose raw logit is xval, in the logits' dtype.
@@ -373,7 +375,7 @@ struct RowGradient {
       tanh_with_derivative(xval / softcap, th, dz);
       z = softcap * th;
     }
-    A grad = prob_coef * dexp(z - lse) - (col == target ? target_coef : A(0));
+    A grad = prob_coef * dexp(lse.log_prob(z)) - (col == target ? target_coef : A(0));
     if constexpr (SMOOTHING) grad -= smoothing_coef * (weight ? weight[col] : A(1));
     if constexpr (SOFTCAP) grad *= dz;
     return static_cast<T>(grad * scale);
@@ -418,7 +420,7 @@ __device__ __forceinline__ void grad_row(const KernelParams& p, const T* x, T* g
   const int64_t tail = vectorize ? head + n_vec * kVec : 0;  // scalar loop start after the vector body
 
   const bool in_range = target >= 0 && target < V;
-  const A lse = load_lse();
+  const LogSumExp<A> lse = load_lse();
   const A scale = in_range ? load_scale() : A(0);  // out of range, RowGradient's scale is NaN
   // Reads the target's logit, which every thread does before any thread of this row writes (the __syncthreads
   // below): in place, it is overwritten by whichever thread owns it.
@@ -477,7 +479,7 @@ __device__ __forceinline__ int64_t row_index() {
   return BLOCK_PER_ROW ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
 }
 
-// forward: l_i and lse_i (one read of the row).
+// forward: l_i and lse_i, as (shift, log_sum) (one read of the row).
 template <typename T, bool SOFTCAP, bool SMOOTHING, bool BLOCK_PER_ROW>
 __device__ __forceinline__ void forward_row(const KernelParams& p) {
   using A = typename AccOf<T>::type;
@@ -505,10 +507,12 @@ __device__ __forceinline__ void forward_row(const KernelParams& p) {
   }
   if (tid != 0) return;
 
-  const A lse = lse_of(st);
+  const LogSumExp<A> lse = lse_of(st);
   const int64_t target = p.target[row * p.target_stride];
   static_cast<A*>(p.losses)[row] = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
-  static_cast<A*>(p.lse_out)[row] = lse;
+  A* lse_out = static_cast<A*>(p.lse_out) + 2 * row;
+  lse_out[0] = lse.shift;
+  lse_out[1] = lse.log_sum;
 }
 
 // backward: the gradient scaled by grad_losses[i], from the forward's lse (one read + one write of the row).
@@ -519,7 +523,11 @@ __device__ __forceinline__ void backward_row(const KernelParams& p) {
   if (row >= p.n_rows) return;
   const auto [x, g, target] = row_refs<T>(p, row);
   grad_row<T, SOFTCAP, SMOOTHING, BLOCK_PER_ROW>(
-      p, x, g, target, [&] { return static_cast<const A*>(p.lse_in)[row * p.lse_stride]; },
+      p, x, g, target,
+      [&] {
+        const A* row_lse = static_cast<const A*>(p.lse_in) + row * p.lse_stride;
+        return LogSumExp<A>{row_lse[0], row_lse[1]};
+      },
       [&] { return static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride]; });
 }
 
@@ -567,7 +575,7 @@ __device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
   // Thread 0 (lane 0 of the row's warp; of warp 0 in the block layout) now holds the row's totals.
 
   // Thread 0: lse, l_i (written out) and the row's scale s_i; then every thread of the row gets lse and s_i.
-  A lse = A(0);
+  LogSumExp<A> lse{A(0), A(0)};
   A scale = A(0);
   if (tid == 0) {
     lse = lse_of(st);
@@ -576,7 +584,7 @@ __device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
     scale = row_scale(p, row, loss);
   }
   if constexpr (BLOCK_PER_ROW) {
-    __shared__ A shared_lse;
+    __shared__ LogSumExp<A> shared_lse;
     __shared__ A shared_scale;
     if (tid == 0) {
       shared_lse = lse;
@@ -586,7 +594,8 @@ __device__ __forceinline__ void loss_and_grad_row(const KernelParams& p) {
     lse = shared_lse;
     scale = shared_scale;
   } else {
-    lse = __shfl_sync(0xffffffffu, lse, 0);
+    lse.shift = __shfl_sync(0xffffffffu, lse.shift, 0);
+    lse.log_sum = __shfl_sync(0xffffffffu, lse.log_sum, 0);
     scale = __shfl_sync(0xffffffffu, scale, 0);
   }
 
@@ -712,10 +721,10 @@ __global__ void __launch_bounds__(kResidentThreads)
   if (cluster_ctas > 1) __trap();  // the host launches clusters only for code built for sm_90 and later
 #endif
 
-  __shared__ A shared_lse;
+  __shared__ LogSumExp<A> shared_lse;
   __shared__ A shared_scale;
   if (tid == 0) {
-    const A lse = lse_of(st);
+    const LogSumExp<A> lse = lse_of(st);
     const A loss = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
     if (rank == 0) static_cast<A*>(p.losses)[row] = loss;
     shared_lse = lse;
@@ -875,7 +884,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
   const int64_t n_rows = logits.size(0);
   const auto options = logits.options().dtype(loss_dtype(logits.scalar_type()));
   at::Tensor losses = at::empty({n_rows}, options);
-  at::Tensor lse = at::empty({n_rows}, options);
+  at::Tensor lse = at::empty({n_rows, 2}, options);
   if (n_rows == 0) return {losses, lse};
   KernelParams p = make_params(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reverse_ce,
                                reverse_ce_log_zero);

@@ -3,14 +3,14 @@
 Byte budget per call, for ``N x V`` logits of ``b`` bytes per element:
 
 * forward: one read of the logits (``N V b``), online max / sum-exp over V in blocks, fp32 accumulators
-  (fp64 for fp64 input); writes ``8 N`` bytes (per-row loss and log-sum-exp).
+  (fp64 for fp64 input); writes ``12 N`` bytes in fp32 (per-row loss, and log-sum-exp as shift and log_sum).
 * backward: one read of the logits and one write of the gradient (``2 N V b``). The per-row scale
   ``d loss / d l_i`` (grad_output, the flood sign and the mean denominator folded together on device) is
   read from memory inside the kernel, so neither the sign nor a GradScaler costs an extra pass.
 * loss_and_grad: the forward and the backward in one kernel, for a gradient known at forward time (the per-row
   scale is ``grad_scale`` times, under per-sample flooding, the sign of ``l_i - b_i``): one read of the logits and
   one write of the gradient (``2 N V b`` instead of ``3 N V b``). A row within ``_RESIDENT_ROW_BYTES`` (V up to
-  16384 for fp32 / bf16 / fp16, 8192 for fp64, half that under softcap, a quarter for a row not 16-aligned, none
+  16384 for fp32 / bf16 / fp16, 4096 for fp64, half that under softcap, a quarter for a row not 16-aligned, none
   for such an fp64 row) is loaded once and kept in registers: the statistics and the gradient come from
   that one load. A longer row is reduced in blocks, then re-read for the gradient last block first, so that the
   blocks read most recently come from L2; with hundreds of long rows in flight part of that re-read may come from
@@ -136,7 +136,8 @@ def _row_stats(
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One online pass over a row in blocks of ``BLOCK_V``: ``(lse, smoothing_sum, weight_sum)``."""
+    """One online pass over a row in blocks of ``BLOCK_V``: ``(shift, log_sum, smoothing_sum, weight_sum)``, the
+    row's log-sum-exp as ``shift + log_sum`` (see :func:`_row_loss`)."""
     offsets = tl.arange(0, BLOCK_V)
     running_max, running_shift, running_sum, smoothing_sum, weight_sum = _empty_stats(ACC_DTYPE)
     for block_start in range(0, n_classes, BLOCK_V):
@@ -146,30 +147,34 @@ def _row_stats(
         running_max, running_shift, running_sum, smoothing_sum, weight_sum = _accumulate_stats(
             _masked_capped(x, in_row, softcap, HAS_SOFTCAP), cols, in_row, weight_ptr,
             running_max, running_shift, running_sum, smoothing_sum, weight_sum, HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
-    return running_shift + tl.log(running_sum), smoothing_sum, weight_sum
+    return running_shift, tl.log(running_sum), smoothing_sum, weight_sum
 
 
 @triton.jit
 def _resident_row_stats(
     z, cols, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """``(lse, shift, smoothing_sum, weight_sum)`` of a row held whole in registers as :func:`_masked_capped`
+    """``(shift, sum_exp, smoothing_sum, weight_sum)`` of a row held whole in registers as :func:`_masked_capped`
     ``z``: the online pass's one step; ``shift`` is the row's max (0 for an all -inf row), with which the
-    statistics took ``exp(z - shift)``."""
+    statistics took ``sum_exp = sum exp(z - shift)``."""
     running_max, running_shift, running_sum, smoothing_sum, weight_sum = _empty_stats(ACC_DTYPE)
     _, shift, sum_exp, smoothing_sum, weight_sum = _accumulate_stats(
         z, cols, in_row, weight_ptr, running_max, running_shift, running_sum, smoothing_sum, weight_sum,
         HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
-    return shift + tl.log(sum_exp), shift, smoothing_sum, weight_sum
+    return shift, sum_exp, smoothing_sum, weight_sum
 
 
 @triton.jit
 def _row_loss(
-    row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+    row_logits_ptr, weight_ptr, target, shift, log_sum, smoothing_sum, weight_sum,
     n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """The row's loss ``l_i`` from its statistics and target: NaN for an out-of-range target, 0 when ignored."""
+    """The row's loss ``l_i`` from its statistics and target: NaN for an out-of-range target, 0 when ignored.
+
+    The log-sum-exp comes as ``shift + log_sum`` (the row's max and ``log sum exp(z - shift)``), not rounded into
+    one float: a confident row's ``lse - z_y = (shift - z_y) + log_sum`` and ``p_y = exp((z_y - shift) - log_sum)``
+    then keep their own precision, where one float lse leaves an error of an ulp of ``|lse|`` in both."""
     in_range = (target >= 0) & (target < n_classes)
     safe_target = tl.where(in_range, target, 0)
     z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
@@ -177,21 +182,22 @@ def _row_loss(
         w_target = tl.load(weight_ptr + safe_target).to(ACC_DTYPE)
     else:
         w_target = 1.0
-    loss = (1.0 - label_smoothing) * w_target * (lse - z_target)
+    lse = shift + log_sum
+    loss = (1.0 - label_smoothing) * w_target * ((shift - z_target) + log_sum)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             loss += label_smoothing / n_classes * (lse * weight_sum - smoothing_sum)
         else:
             loss += label_smoothing * (lse - smoothing_sum / n_classes)
     loss += z_loss * lse * lse
-    loss += reverse_ce_coef * (1.0 - tl.exp(z_target - lse))
+    loss += reverse_ce_coef * (1.0 - tl.exp((z_target - shift) - log_sum))
     loss = tl.where(in_range, loss, float("nan"))
     return tl.where(target == ignore_index, 0.0, loss)
 
 
 @triton.jit
 def _grad_coefficients(
-    row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+    row_logits_ptr, weight_ptr, weight_sum_ptr, target, shift, log_sum, scale,
     n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -200,7 +206,8 @@ def _grad_coefficients(
 
     d l_i / d z_c = a p_c - [c == y] b - eps / V w_c, with
     a = (1 - eps) w_y + eps / V sum(w) + 2 zeta lse + rho' p_y and b = (1 - eps) w_y + rho' p_y;
-    ``scale`` is NaN for an out-of-range target. Only reverse CE reads the target logit."""
+    ``scale`` is NaN for an out-of-range target. Only reverse CE reads the target logit (and takes p_y as
+    :func:`_row_loss` does, so that a kernel computes it once)."""
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_classes)
     safe_target = tl.where(in_range, target, 0)
@@ -214,13 +221,13 @@ def _grad_coefficients(
     target_coef = (1.0 - label_smoothing) * w_target
     if HAS_REVERSE_CE:
         z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-        target_coef += reverse_ce_coef * tl.exp(z_target - lse)
+        target_coef += reverse_ce_coef * tl.exp((z_target - shift) - log_sum)
     smoothing_coef = label_smoothing / n_classes
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
     else:
         total_weight = n_classes
-    prob_coef = target_coef + smoothing_coef * total_weight + 2.0 * z_loss * lse
+    prob_coef = target_coef + smoothing_coef * total_weight + 2.0 * z_loss * (shift + log_sum)
     return target_col, ignored, scale, prob_coef, target_coef, smoothing_coef
 
 
@@ -231,7 +238,7 @@ def _block_grad(
     ACC_DTYPE: tl.constexpr,
 ):
     """``scale * d l_i / d x_c`` for a block of logits ``x`` (classes ``cols``) and their probabilities
-    ``p = exp(z - lse)``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
+    ``p = exp((z - shift) - log_sum)``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
     ``dz/dx = 1 - tanh^2`` under softcap (from ``x``; only then is ``x`` read); exact zeros when the row is
     ignored."""
     if HAS_SOFTCAP:
@@ -249,7 +256,7 @@ def _block_grad(
 
 @triton.jit
 def _store_row_grad(
-    row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+    row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr, target, shift, log_sum, scale,
     n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_REVERSE_CE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -257,7 +264,7 @@ def _store_row_grad(
     """Write the row's ``scale * d l_i / d x`` (may overwrite the row's logits) in blocks of ``BLOCK_V``, each
     read again: exact zeros when the row is ignored, NaN for an out-of-range target."""
     target_col, ignored, scale, prob_coef, target_coef, smoothing_coef = _grad_coefficients(
-        row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+        row_logits_ptr, weight_ptr, weight_sum_ptr, target, shift, log_sum, scale,
         n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE)
     if HAS_REVERSE_CE:
@@ -270,15 +277,15 @@ def _store_row_grad(
         cols = (last_start - block_index) + offsets
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        grad = _block_grad(x, tl.exp(_capped(x, softcap, HAS_SOFTCAP) - lse), cols, in_row, weight_ptr,
-                           target_col, ignored, scale, prob_coef, target_coef, smoothing_coef, softcap,
-                           HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
+        p = tl.exp((_capped(x, softcap, HAS_SOFTCAP) - shift) - log_sum)
+        grad = _block_grad(x, p, cols, in_row, weight_ptr, target_col, ignored, scale, prob_coef, target_coef,
+                           smoothing_coef, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
 def _forward_kernel(
-    # outputs: per-row loss and log-sum-exp, (N,)
+    # outputs: per-row loss (N,) and log-sum-exp (N, 2) as [shift, log_sum]
     losses_ptr,
     lse_ptr,
     # inputs
@@ -308,7 +315,7 @@ def _forward_kernel(
     softcap = _option(softcap, softcap_lo, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
-    lse, smoothing_sum, weight_sum = _row_stats(
+    shift, log_sum, smoothing_sum, weight_sum = _row_stats(
         row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     # The other options only now: a float64 kernel holds them in registers from here on, not across the row.
     label_smoothing = _option(label_smoothing, label_smoothing_lo, ACC_DTYPE)
@@ -316,11 +323,12 @@ def _forward_kernel(
     reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     target = tl.load(target_ptr + row)
     loss = _row_loss(
-        row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+        row_logits_ptr, weight_ptr, target, shift, log_sum, smoothing_sum, weight_sum,
         n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
     tl.store(losses_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + 2 * row, shift)
+    tl.store(lse_ptr + 2 * row + 1, log_sum)
 
 
 @triton.jit
@@ -333,7 +341,7 @@ def _backward_kernel(
     target_ptr,  # (N,) int64
     weight_ptr,  # (V,) class weights (only read when HAS_WEIGHT)
     weight_sum_ptr,  # () sum of the class weights (only read when HAS_WEIGHT and HAS_SMOOTHING)
-    lse_ptr,  # (N,) from the forward
+    lse_ptr,  # (N, 2) contiguous, from the forward: [shift, log_sum]
     # strides and sizes
     grad_row_stride,
     logits_row_stride,
@@ -362,11 +370,12 @@ def _backward_kernel(
     reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row)
-    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+    shift = tl.load(lse_ptr + 2 * row).to(ACC_DTYPE)
+    log_sum = tl.load(lse_ptr + 2 * row + 1).to(ACC_DTYPE)
     scale = tl.load(grad_losses_ptr + row).to(ACC_DTYPE)
     _store_row_grad(
         grad_ptr + row * grad_row_stride, logits_ptr + row * logits_row_stride, weight_ptr, weight_sum_ptr,
-        target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+        target, shift, log_sum, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
 
 
@@ -419,10 +428,11 @@ def _loss_and_grad_kernel(
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
         z = _masked_capped(x, in_row, softcap, HAS_SOFTCAP)
-        lse, shift, smoothing_sum, weight_sum = _resident_row_stats(
+        shift, sum_exp, smoothing_sum, weight_sum = _resident_row_stats(
             z, cols, in_row, weight_ptr, HAS_WEIGHT, HAS_SMOOTHING, ACC_DTYPE)
+        log_sum = tl.log(sum_exp)
     else:
-        lse, smoothing_sum, weight_sum = _row_stats(
+        shift, log_sum, smoothing_sum, weight_sum = _row_stats(
             row_logits_ptr, weight_ptr, n_classes, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE,
             BLOCK_V)
     # The other options only now: a float64 kernel holds them in registers from here on, not across the row.
@@ -431,7 +441,7 @@ def _loss_and_grad_kernel(
     reverse_ce_coef = _option(reverse_ce_coef, reverse_ce_coef_lo, ACC_DTYPE)
     target = tl.load(target_ptr + row)
     loss = _row_loss(
-        row_logits_ptr, weight_ptr, target, lse, smoothing_sum, weight_sum,
+        row_logits_ptr, weight_ptr, target, shift, log_sum, smoothing_sum, weight_sum,
         n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
         HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
     tl.store(losses_ptr + row, loss)
@@ -444,21 +454,22 @@ def _loss_and_grad_kernel(
         scale = sign * scale
     if ROW_RESIDENT:
         target_col, ignored, scale, prob_coef, target_coef, smoothing_coef = _grad_coefficients(
-            row_logits_ptr, weight_ptr, weight_sum_ptr, target, lse, scale,
+            row_logits_ptr, weight_ptr, weight_sum_ptr, target, shift, log_sum, scale,
             n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
             HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE)
         if ACC_DTYPE == tl.float32:
             # p_c = exp(z_c - shift) / sum_exp: the statistics' exps again (CSE), a multiply instead of an exp.
-            p = tl.exp(z - shift) * tl.exp(shift - lse)
+            p = tl.exp(z - shift) * (1.0 / sum_exp)
         else:
-            p = tl.exp(z - lse)
+            # Recomputed from one float64 lse (within 2**-52 |lse|): a kept row of float64 exps would spill.
+            p = tl.exp(z - (shift + log_sum))
         grad = _block_grad(x, p, cols, in_row, weight_ptr, target_col, ignored, scale, prob_coef, target_coef,
                            smoothing_coef, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
     else:
         _store_row_grad(
             row_grad_ptr, row_logits_ptr, weight_ptr, weight_sum_ptr,
-            target, lse, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
+            target, shift, log_sum, scale, n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
             HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_REVERSE_CE, ACC_DTYPE, BLOCK_V)
 
 
@@ -502,13 +513,16 @@ def _resident_classes(dtype: torch.dtype, has_softcap: bool, aligned: bool = Tru
     """The most classes (a power of two) whose row loss_and_grad keeps in registers. A row that is not
     16-aligned (length, stride or start: Triton then cannot specialize the loads as 16-byte vectors) loads
     element by element, with more registers of addresses and masks: a quarter of the budget (at half, some
-    variants spill on sm_80 or reach the 128-register cap on sm_90). None for such a row of fp64, whose float64
-    options and divisions (slow-path calls) take registers too: at a quarter or an eighth some of its variants
-    need a stack frame, with triton 3.6 or 3.9 (fp64 is for checking, not for speed)."""
+    variants spill on sm_80 or reach the 128-register cap on sm_90). fp64 rows, whose float64 scalars (options,
+    the two terms of the log-sum-exp) take two registers each and whose divisions are slow-path calls, get half
+    the budget when aligned (at the full one a softcapped variant with weighted smoothing needed a stack frame)
+    and none when not (at a quarter or an eighth some variants did, with triton 3.6 or 3.9): fp64 is for
+    checking, not for speed."""
     if not aligned and dtype == torch.float64:
         return 0
     accumulator_size = _acc_dtype(dtype).primitive_bitwidth // 8
-    return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1) * (1 if aligned else 4))
+    fp64_share = 2 if dtype == torch.float64 else 1
+    return _RESIDENT_ROW_BYTES // (accumulator_size * (2 if has_softcap else 1) * (1 if aligned else 4) * fp64_share)
 
 
 def _loss_and_grad_config(n_classes: int, dtype: torch.dtype, has_softcap: bool,
@@ -578,7 +592,8 @@ def forward(
     losses: Tensor,
     lse: Tensor,
 ) -> None:
-    """Write per-row losses and log-sum-exp of ``(N, V)`` logits (class stride 1) into ``losses``, ``lse``.
+    """Write per-row losses and log-sum-exp of ``(N, V)`` logits (class stride 1) into ``losses`` ``(N,)`` and
+    ``lse`` ``(N, 2)`` contiguous (``[shift, log_sum]`` per row, see :func:`_row_loss`).
 
     ``softcap == 0`` means no softcap.
     """
@@ -616,8 +631,12 @@ def backward(
     reverse_ce_log_zero: float,
     grad: Tensor,
 ) -> None:
-    """Write ``d loss / d logits`` into ``grad`` (a new tensor, or ``logits`` itself for in-place)."""
+    """Write ``d loss / d logits`` into ``grad`` (a new tensor, or ``logits`` itself for in-place), from the
+    forward's ``lse``."""
     n_rows, n_classes = logits.shape
+    if lse.shape != (n_rows, 2) or not lse.is_contiguous():
+        raise ValueError(f"triton backward: lse must be a contiguous ({n_rows}, 2) tensor (each row's shift and "
+                         f"log_sum, as the forward returns it), got shape {tuple(lse.shape)}, strides {lse.stride()}")
     if n_rows == 0:
         return
     has_smoothing = label_smoothing > 0.0
