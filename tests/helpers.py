@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
@@ -143,6 +145,14 @@ def materialize(options: Dict[str, Any], v: int, device: str) -> Dict[str, Any]:
     if options.get("weight") == "random":
         options["weight"] = (torch.rand(v) + 0.25).to(device)
     return options
+
+
+def random_seeds(default_count: int) -> List[int]:
+    """Seeds for a test's random draws: fresh ones on every run, or FLOOD_KERNELS_RANDOM_SEED and the ones after it
+    (to replay a failure); FLOOD_KERNELS_RANDOM_DRAWS overrides how many."""
+    count = int(os.environ.get("FLOOD_KERNELS_RANDOM_DRAWS", default_count))
+    first = int(os.environ.get("FLOOD_KERNELS_RANDOM_SEED", random.SystemRandom().randrange(2**40)))
+    return [first + i for i in range(count)]
 
 
 def run_without_host_sync(step: Callable[[], Any]) -> None:

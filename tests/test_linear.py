@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from flood_kernels import flooded_cross_entropy
 from flood_kernels import linear
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
-from helpers import requires_cuda, run_without_host_sync
+from helpers import random_seeds, requires_cuda, run_without_host_sync
 
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
@@ -474,3 +476,64 @@ def test_cuda_no_host_synchronization(case):
         loss.backward(grad_output)
 
     run_without_host_sync(step)
+
+
+def draw_linear_case(seed: int):
+    """A random configuration of the fused linear loss: leading shape, D, V, dtype, every option, flood mode and
+    level kind, bias, chunk size, fp32 accumulation and grad_output; levels never 0 (see
+    tests/test_random_configurations.py). V >= 2: at V = 1 every gradient is a cancellation to exactly 0, whose
+    float32 rounding scales with the option coefficients, not with any tolerance of the values (the row kernels'
+    V = 1 cases are in tests/test_kernels.py)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    rows = rng.choice([(1,), (5,), (13,), (2, 7), (3, 1, 4)])
+    n = int(torch.Size(rows).numel())
+    d, v = rng.choice([1, 3, 8, 16]), rng.choice([2, 5, 17, 40])
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+    options = {"ignore_index": rng.choice([-100, 0]), "flood": rng.choice([None, "batch", "individual"])}
+    options["reduction"] = rng.choice(["mean", "sum"] + (["none"] if options["flood"] != "batch" else []))
+    if rng.random() < 0.3:
+        options["weight"] = (torch.rand(v, generator=g) + 0.25).to(dtype)
+    if rng.random() < 0.3:
+        options["label_smoothing"] = rng.choice([0.05, 0.3])
+    if rng.random() < 0.3:
+        options["z_loss"] = rng.choice([1e-3, 0.1])
+    if rng.random() < 0.3:
+        options["softcap"] = rng.choice([1.0, 5.0])
+    if rng.random() < 0.3:
+        options["reverse_ce"] = rng.choice([0.3, 2.0])
+    if options["flood"] == "individual" and rng.random() < 0.5:
+        options["flood_level"] = (torch.rand(rows, generator=g) * 3 + 0.1).to(dtype)
+    else:
+        options["flood_level"] = rng.choice([0.5, 1.0, 3.0, 30.0])
+    settings = {"chunk_size": rng.choice([None, 1, 2, 3, n, n + 2]), "accumulate_in_fp32": rng.random() < 0.7}
+    h, w, b, y = make_inputs(rows=rows, d=d, v=v, dtype=dtype, bias=rng.random() < 0.5,
+                             ignored=rng.choice([0, 0, 1, n]), ignore_index=options["ignore_index"], seed=seed)
+    grad_output = grad_output_for(options, rows, rng.choice([1.0, -0.5, 2.0]), seed=seed)
+    shown = {key: (f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else value)
+             for key, value in options.items()}
+    description = f"seed {seed}: rows {rows} D={d} V={v} {dtype} bias {b is not None} {settings} {shown}"
+    return h, w, b, y, grad_output, options, settings, description
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_random_configurations(backend):
+    """Random configurations against F.linear + the float64 reference, fresh every run (the seed of each failing
+    draw is in the message; FLOOD_KERNELS_RANDOM_SEED / FLOOD_KERNELS_RANDOM_DRAWS replay one). Each result within
+    rtol of itself or a tenth of rtol of its tensor's largest value: the random options (reverse CE coefficients up
+    to 8, sums over rows) make some elements small differences of large terms."""
+    failures = []
+    for seed in random_seeds(20 if backend == "triton" else 150):
+        h, w, b, y, grad_output, options, settings, description = draw_linear_case(seed)
+        rtol = 1e-7 if h.dtype == torch.float64 else 1e-4
+        try:
+            expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
+            loss, grads = ours(h, w, b, y, grad_output, backend=backend, **options, **settings)
+            assert [t.dtype for t in grads] == [t.dtype for t in (h, w, b) if t is not None]
+            for got, want in zip((loss.detach(), *grads), (expected_loss.detach(), *expected_grads)):
+                magnitude = max(1.0, float(torch.nan_to_num(want, nan=0.0).abs().max()))
+                torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.1 * rtol * magnitude,
+                                           equal_nan=True)
+        except AssertionError as error:
+            failures.append(f"{description}\n    {str(error).strip().splitlines()[0]}")
+    assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)

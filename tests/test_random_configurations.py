@@ -9,10 +9,9 @@ per backend instead of the default (fewer under Triton's interpreter, which is s
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from flood_kernels import flooded_cross_entropy
 
-from helpers import (KERNEL_CASES, assert_grad_close, assert_loss_close, leaf_copy, reference64,
+from helpers import (KERNEL_CASES, assert_grad_close, assert_loss_close, leaf_copy, random_seeds, reference64,
                      row_term_scale)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
@@ -129,19 +128,15 @@ def check(d: Draw, backend: str) -> None:
     assert_grad_close(leaf.grad, ref_grad, d.logits.dtype, term_scale)
 
 
-def draws_for(device: str, backend: str) -> List[int]:
-    """The seeds of this run's draws: fresh ones, or FLOOD_KERNELS_RANDOM_SEED and the ones after it. Fewer for
-    Triton: its interpreter is slow, and on a GPU each new kernel variant is a compilation of a second or so."""
-    default = {("cpu", "triton"): 40, ("cuda", "triton"): 30, ("cuda", "cuda"): 200}.get((device, backend), 400)
-    count = int(os.environ.get("FLOOD_KERNELS_RANDOM_DRAWS", default))
-    first = int(os.environ.get("FLOOD_KERNELS_RANDOM_SEED", random.SystemRandom().randrange(2**40)))
-    return [first + i for i in range(count)]
+# Draws per run: fewer for Triton, whose interpreter is slow and whose every new kernel variant on a GPU is a
+# compilation of a second or so.
+DRAWS = {("cpu", "triton"): 40, ("cuda", "triton"): 30, ("cuda", "cuda"): 200}
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_random_configurations_match_the_reference(device, backend):
     failures = []
-    for seed in draws_for(device, backend):
+    for seed in random_seeds(DRAWS.get((device, backend), 400)):
         d = draw(seed, device)
         try:
             check(d, backend)
