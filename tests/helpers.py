@@ -155,6 +155,13 @@ def random_seeds(default_count: int) -> List[int]:
     return [first + i for i in range(count)]
 
 
+def error_summary(error: AssertionError) -> str:
+    """An assertion's first line and torch.testing's values and absolute difference, on one line."""
+    lines = str(error).strip().splitlines()
+    details = [line.strip() for line in lines[1:] if line.startswith(("Greatest absolute", "Expected", "Absolute"))]
+    return "; ".join(lines[:1] + details)
+
+
 def run_without_host_sync(step: Callable[[], Any]) -> None:
     """``step()`` once to warm up (compilation and caches may synchronize), then again under CUDA's sync debug
     mode, which raises on any call that synchronizes the host with the device."""

@@ -14,7 +14,7 @@ from flood_kernels import flooded_cross_entropy
 from flood_kernels import linear
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
-from helpers import random_seeds, requires_cuda, run_without_host_sync
+from helpers import error_summary, random_seeds, requires_cuda, run_without_host_sync
 
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
@@ -535,5 +535,5 @@ def test_random_configurations(backend):
                 torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.1 * rtol * magnitude,
                                            equal_nan=True)
         except AssertionError as error:
-            failures.append(f"{description}\n    {str(error).strip().splitlines()[0]}")
+            failures.append(f"{description}\n    {error_summary(error)}")
     assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from flood_kernels import flooded_cross_entropy
 
-from helpers import (KERNEL_CASES, assert_grad_close, assert_loss_close, leaf_copy, random_seeds, reference64,
-                     row_term_scale)
+from helpers import (KERNEL_CASES, assert_grad_close, assert_loss_close, error_summary, leaf_copy, random_seeds,
+                     reference64, row_term_scale)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -141,5 +141,5 @@ def test_random_configurations_match_the_reference(device, backend):
         try:
             check(d, backend)
         except AssertionError as error:
-            failures.append(f"{d.description}\n    {str(error).strip().splitlines()[0]}")
+            failures.append(f"{d.description}\n    {error_summary(error)}")
     assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)
