@@ -40,11 +40,17 @@ FLOOD_HOST_DEVICE void tanh_with_derivative_given_exp(A u, A t, A& th, A& dth) {
 // an all -inf row) and log_sum = log(sum_c exp(z_c - shift)). The two are kept apart, not rounded into one float:
 // a confident row's l_y = lse - z_y = (shift - z_y) + log_sum and p_y = exp((z_y - shift) - log_sum) are then exact
 // to a rounding of their own size, where one float lse leaves an error of an ulp of |lse| in both (1.9e-6 at
-// lse = 30 in float32: all of l_y and of p_y - 1 once they are that small). The ops store it as lse (N, 2).
+// lse = 30 in float32: all of l_y and of p_y - 1 once they are that small). The ops store it as lse (N, 2), a row
+// [shift, log_sum] (store / load).
 template <typename A>
 struct LogSumExp {
   A shift;
   A log_sum;
+  FLOOD_HOST_DEVICE static LogSumExp load(const A* row) { return {row[0], row[1]}; }
+  FLOOD_HOST_DEVICE void store(A* row) const {
+    row[0] = shift;
+    row[1] = log_sum;
+  }
   FLOOD_HOST_DEVICE A value() const { return shift + log_sum; }
   // log p_c = z_c - lse, the exponent of the class's probability.
   FLOOD_HOST_DEVICE A log_prob(A z) const { return (z - shift) - log_sum; }

@@ -478,9 +478,7 @@ void forward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
     A smoothing_sum;
     const LogSumExp<A> lse = m.lse_of(x, smoothing_sum);
     static_cast<A*>(args.losses)[row] = m.loss_of(x, m.target_of(row), lse, smoothing_sum);
-    A* lse_out = static_cast<A*>(args.lse_out) + 2 * row;
-    lse_out[0] = lse.shift;
-    lse_out[1] = lse.log_sum;
+    lse.store(static_cast<A*>(args.lse_out) + 2 * row);
   }
 }
 
@@ -494,8 +492,7 @@ void backward_rows(const RowArgs& args, int64_t row_begin, int64_t row_end) {
   const A* lse_in = static_cast<const A*>(args.lse_in);
   for (int64_t row = row_begin; row < row_end; ++row) {
     T* g = static_cast<T*>(args.grad) + row * args.grad_row_stride;
-    const A* row_lse = lse_in + row * args.lse_stride;
-    m.write_grad(m.logits_row(row), g, m.target_of(row), LogSumExp<A>{row_lse[0], row_lse[1]},
+    m.write_grad(m.logits_row(row), g, m.target_of(row), LogSumExp<A>::load(lse_in + row * args.lse_stride),
                  grad_losses[row * args.grad_losses_stride]);
   }
   if (args.stream_grad) stream_fence();

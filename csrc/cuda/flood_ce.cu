@@ -510,9 +510,7 @@ __device__ __forceinline__ void forward_row(const KernelParams& p) {
   const LogSumExp<A> lse = lse_of(st);
   const int64_t target = p.target[row * p.target_stride];
   static_cast<A*>(p.losses)[row] = row_loss<T, SOFTCAP, SMOOTHING>(p, x, weight, V, softcap, target, lse, smooth);
-  A* lse_out = static_cast<A*>(p.lse_out) + 2 * row;
-  lse_out[0] = lse.shift;
-  lse_out[1] = lse.log_sum;
+  lse.store(static_cast<A*>(p.lse_out) + 2 * row);
 }
 
 // backward: the gradient scaled by grad_losses[i], from the forward's lse (one read + one write of the row).
@@ -523,11 +521,7 @@ __device__ __forceinline__ void backward_row(const KernelParams& p) {
   if (row >= p.n_rows) return;
   const auto [x, g, target] = row_refs<T>(p, row);
   grad_row<T, SOFTCAP, SMOOTHING, BLOCK_PER_ROW>(
-      p, x, g, target,
-      [&] {
-        const A* row_lse = static_cast<const A*>(p.lse_in) + row * p.lse_stride;
-        return LogSumExp<A>{row_lse[0], row_lse[1]};
-      },
+      p, x, g, target, [&] { return LogSumExp<A>::load(static_cast<const A*>(p.lse_in) + row * p.lse_stride); },
       [&] { return static_cast<const A*>(p.grad_losses)[row * p.grad_losses_stride]; });
 }
 

@@ -165,6 +165,13 @@ def _resident_row_stats(
 
 
 @triton.jit
+def _prob(z, shift, log_sum):
+    """``p = exp(z - lse)`` from the row's log-sum-exp as ``shift + log_sum`` (:func:`_row_loss`), never rounded
+    into one float (``LogSumExp::log_prob`` in csrc/flood_ce_math.h)."""
+    return tl.exp((z - shift) - log_sum)
+
+
+@triton.jit
 def _row_loss(
     row_logits_ptr, weight_ptr, target, shift, log_sum, smoothing_sum, weight_sum,
     n_classes, ignore_index, label_smoothing, z_loss, softcap, reverse_ce_coef,
@@ -190,7 +197,7 @@ def _row_loss(
         else:
             loss += label_smoothing * (lse - smoothing_sum / n_classes)
     loss += z_loss * lse * lse
-    loss += reverse_ce_coef * (1.0 - tl.exp((z_target - shift) - log_sum))
+    loss += reverse_ce_coef * (1.0 - _prob(z_target, shift, log_sum))
     loss = tl.where(in_range, loss, float("nan"))
     return tl.where(target == ignore_index, 0.0, loss)
 
@@ -221,7 +228,7 @@ def _grad_coefficients(
     target_coef = (1.0 - label_smoothing) * w_target
     if HAS_REVERSE_CE:
         z_target = _capped(tl.load(row_logits_ptr + safe_target).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-        target_coef += reverse_ce_coef * tl.exp((z_target - shift) - log_sum)
+        target_coef += reverse_ce_coef * _prob(z_target, shift, log_sum)
     smoothing_coef = label_smoothing / n_classes
     if HAS_SMOOTHING and HAS_WEIGHT:
         total_weight = tl.load(weight_sum_ptr).to(ACC_DTYPE)
@@ -238,7 +245,7 @@ def _block_grad(
     ACC_DTYPE: tl.constexpr,
 ):
     """``scale * d l_i / d x_c`` for a block of logits ``x`` (classes ``cols``) and their probabilities
-    ``p = exp((z - shift) - log_sum)``: ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
+    ``p`` (:func:`_prob`): ``d l_i / d z_c`` from the constants of :func:`_grad_coefficients`, times
     ``dz/dx = 1 - tanh^2`` under softcap (from ``x``; only then is ``x`` read); exact zeros when the row is
     ignored."""
     if HAS_SOFTCAP:
@@ -277,7 +284,7 @@ def _store_row_grad(
         cols = (last_start - block_index) + offsets
         in_row = cols < n_classes
         x = tl.load(row_logits_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-        p = tl.exp((_capped(x, softcap, HAS_SOFTCAP) - shift) - log_sum)
+        p = _prob(_capped(x, softcap, HAS_SOFTCAP), shift, log_sum)
         grad = _block_grad(x, p, cols, in_row, weight_ptr, target_col, ignored, scale, prob_coef, target_coef,
                            smoothing_coef, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_DTYPE)
         tl.store(row_grad_ptr + cols, grad.to(row_grad_ptr.dtype.element_ty), mask=in_row)
