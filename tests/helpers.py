@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import pytest
 import torch
@@ -160,6 +160,18 @@ def error_summary(error: AssertionError) -> str:
     lines = str(error).strip().splitlines()
     details = [line.strip() for line in lines[1:] if line.startswith(("Greatest absolute", "Expected", "Absolute"))]
     return "; ".join(lines[:1] + details)
+
+
+def assert_draws_pass(draws: Iterable[Tuple[str, Callable[[], None]]]) -> None:
+    """Run every ``(description, check)`` of a test's random draws, then fail once, naming each failing draw (its
+    description holds its seed) with :func:`error_summary` of what it failed."""
+    failures = []
+    for description, check in draws:
+        try:
+            check()
+        except AssertionError as error:
+            failures.append(f"{description}\n    {error_summary(error)}")
+    assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)
 
 
 def run_without_host_sync(step: Callable[[], Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -14,7 +15,7 @@ from flood_kernels import flooded_cross_entropy
 from flood_kernels import linear
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
-from helpers import error_summary, random_seeds, requires_cuda, run_without_host_sync
+from helpers import assert_draws_pass, random_seeds, requires_cuda, run_without_host_sync
 
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
@@ -516,24 +517,23 @@ def draw_linear_case(seed: int):
     return h, w, b, y, grad_output, options, settings, description
 
 
+def check_linear_case(case, backend: str) -> None:
+    """A :func:`draw_linear_case` against F.linear + the float64 reference: each result within rtol of itself or a
+    tenth of rtol of its tensor's largest value (the random options, reverse CE coefficients up to 8 and sums over
+    rows, make some elements small differences of large terms)."""
+    h, w, b, y, grad_output, options, settings, _ = case
+    rtol = 1e-7 if h.dtype == torch.float64 else 1e-4
+    expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
+    loss, grads = ours(h, w, b, y, grad_output, backend=backend, **options, **settings)
+    assert [t.dtype for t in grads] == [t.dtype for t in (h, w, b) if t is not None]
+    for got, want in zip((loss.detach(), *grads), (expected_loss.detach(), *expected_grads)):
+        magnitude = max(1.0, float(torch.nan_to_num(want, nan=0.0).abs().max()))
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.1 * rtol * magnitude, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_random_configurations(backend):
-    """Random configurations against F.linear + the float64 reference, fresh every run (the seed of each failing
-    draw is in the message; FLOOD_KERNELS_RANDOM_SEED / FLOOD_KERNELS_RANDOM_DRAWS replay one). Each result within
-    rtol of itself or a tenth of rtol of its tensor's largest value: the random options (reverse CE coefficients up
-    to 8, sums over rows) make some elements small differences of large terms."""
-    failures = []
-    for seed in random_seeds(20 if backend == "triton" else 150):
-        h, w, b, y, grad_output, options, settings, description = draw_linear_case(seed)
-        rtol = 1e-7 if h.dtype == torch.float64 else 1e-4
-        try:
-            expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
-            loss, grads = ours(h, w, b, y, grad_output, backend=backend, **options, **settings)
-            assert [t.dtype for t in grads] == [t.dtype for t in (h, w, b) if t is not None]
-            for got, want in zip((loss.detach(), *grads), (expected_loss.detach(), *expected_grads)):
-                magnitude = max(1.0, float(torch.nan_to_num(want, nan=0.0).abs().max()))
-                torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.1 * rtol * magnitude,
-                                           equal_nan=True)
-        except AssertionError as error:
-            failures.append(f"{description}\n    {error_summary(error)}")
-    assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)
+    """Random configurations, fresh every run (the seed of each failing draw is in the message;
+    FLOOD_KERNELS_RANDOM_SEED / FLOOD_KERNELS_RANDOM_DRAWS replay one)."""
+    cases = (draw_linear_case(seed) for seed in random_seeds(20 if backend == "triton" else 150))
+    assert_draws_pass((case[-1], functools.partial(check_linear_case, case, backend)) for case in cases)

@@ -9,6 +9,7 @@ per backend instead of the default (fewer under Triton's interpreter, which is s
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Dict
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from flood_kernels import flooded_cross_entropy
 
-from helpers import (KERNEL_CASES, assert_grad_close, assert_loss_close, error_summary, leaf_copy, random_seeds,
-                     reference64, row_term_scale)
+from helpers import (KERNEL_CASES, assert_draws_pass, assert_grad_close, assert_loss_close, leaf_copy,
+                     random_seeds, reference64, row_term_scale)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -135,11 +136,5 @@ DRAWS = {("cpu", "triton"): 40, ("cuda", "triton"): 30, ("cuda", "cuda"): 200}
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_random_configurations_match_the_reference(device, backend):
-    failures = []
-    for seed in random_seeds(DRAWS.get((device, backend), 400)):
-        d = draw(seed, device)
-        try:
-            check(d, backend)
-        except AssertionError as error:
-            failures.append(f"{d.description}\n    {error_summary(error)}")
-    assert not failures, f"{len(failures)} of the draws differ from the reference:\n" + "\n".join(failures)
+    draws = (draw(seed, device) for seed in random_seeds(DRAWS.get((device, backend), 400)))
+    assert_draws_pass((d.description, functools.partial(check, d, backend)) for d in draws)
