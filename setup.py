@@ -40,7 +40,7 @@ def _want_cuda() -> bool:
 
 
 def _extensions():
-    cpu_sources = ["csrc/flood_ce.cpp", "csrc/flood_ce_autograd.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for is inline OpenMP code (ATen/ParallelOpenMP.h); without it the loop is serial.
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     link_flags = ["-fopenmp"]
