@@ -147,6 +147,25 @@ def materialize(options: Dict[str, Any], v: int, device: str) -> Dict[str, Any]:
     return options
 
 
+def random_row_options(rng: random.Random, gen: torch.Generator, v: int) -> Dict[str, Any]:
+    """The per-row loss options of a random configuration, each drawn with probability 0.3 (class weights, label
+    smoothing, z-loss, softcap, reverse CE), and an ignore_index."""
+    options: Dict[str, Any] = {}
+    if rng.random() < 0.3:
+        options["weight"] = torch.rand(v, generator=gen) + 0.25
+    if rng.random() < 0.3:
+        options["label_smoothing"] = rng.choice([0.05, 0.3, 1.0])
+    if rng.random() < 0.3:
+        options["z_loss"] = rng.choice([1e-4, 1e-2, 0.5])
+    if rng.random() < 0.3:
+        options["softcap"] = rng.choice([0.5, 4.0, 30.0])
+    if rng.random() < 0.3:
+        options["reverse_ce"] = rng.choice([0.1, 1.0, 5.0])
+        options["reverse_ce_log_zero"] = rng.choice([-4.0, -1.0, -7.0])
+    options["ignore_index"] = rng.choice([-100, -100, 0, 2])
+    return options
+
+
 def random_seeds(default_count: int) -> List[int]:
     """Seeds for a test's random draws: fresh ones on every run, or FLOOD_KERNELS_RANDOM_SEED and the ones after it
     (to replay a failure); FLOOD_KERNELS_RANDOM_DRAWS overrides how many."""

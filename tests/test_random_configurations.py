@@ -21,7 +21,7 @@ from torch import Tensor
 from flood_kernels import flooded_cross_entropy
 
 from helpers import (KERNEL_CASES, assert_draws_pass, assert_grad_close, assert_loss_close, leaf_copy,
-                     random_seeds, reference64, row_term_scale)
+                     random_row_options, random_seeds, reference64, row_term_scale)
 
 pytestmark = pytest.mark.skipif(not KERNEL_CASES, reason="no kernel backend usable on this machine")
 
@@ -45,19 +45,7 @@ def draw(seed: int, device: str) -> Draw:
     n = rng.choice([1, 2, 3, 7, 16, 33])
     v = rng.choice([1, 2, 3, 5, 8, 17, 31, 64, 100, 257])
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64])
-    options: Dict[str, Any] = {}
-    if rng.random() < 0.3:
-        options["weight"] = torch.rand(v, generator=gen) + 0.25
-    if rng.random() < 0.3:
-        options["label_smoothing"] = rng.choice([0.05, 0.3, 1.0])
-    if rng.random() < 0.3:
-        options["z_loss"] = rng.choice([1e-4, 1e-2, 0.5])
-    if rng.random() < 0.3:
-        options["softcap"] = rng.choice([0.5, 4.0, 30.0])
-    if rng.random() < 0.3:
-        options["reverse_ce"] = rng.choice([0.1, 1.0, 5.0])
-        options["reverse_ce_log_zero"] = rng.choice([-4.0, -1.0, -7.0])
-    options["ignore_index"] = rng.choice([-100, -100, 0, 2])
+    options = random_row_options(rng, gen, v)
     options["flood"] = rng.choice([None, "batch", "individual"])
     options["reduction"] = rng.choice(["mean", "sum"] + (["none"] if options["flood"] != "batch" else []))
 
