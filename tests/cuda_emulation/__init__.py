@@ -10,7 +10,8 @@ code, the approximate exp's exact bits), are not.
 
 The source is rewritten only where host C++ cannot take CUDA syntax, line for line (error messages keep
 flood_ce.cu's line numbers): the CUDA headers become the emulator's, ``kernel<<<grid, block, shared, stream>>>(``
-becomes ``cuda_emulator::launch(kernel, grid, block, shared, stream)(``, ``__CUDA_ARCH__`` becomes the emulated
+becomes ``cuda_emulator::launch(kernel, grid, block, shared, stream)(``, a ``__shared__`` variable a ``thread_local``
+one that the block's first thread to declare it fills with NaN, ``__CUDA_ARCH__`` becomes the emulated
 architecture, the ops' device type CUDA becomes CPU, their outputs' ``at::empty`` one that fills the memory with NaN
 (an element no kernel writes is NaN, not stale memory), and ``TORCH_LIBRARY_IMPL(flood_kernels, CUDA, m)`` defines
 the ops of the emulated library instead. Each rewrite must apply (the build fails otherwise), so a change of
@@ -54,6 +55,11 @@ def emulated_source(library: str, sm: int) -> str:
                            flags=re.M)
     text = _substitute(text, r'^#include "\.\./flood_ce\.h"$', '#include "flood_ce.h"', flags=re.M)
     text = _substitute(text, r"defined\(__CUDA_ARCH__\) && __CUDA_ARCH__", f"{sm * 10}")
+    text = _substitute(text, r"^(\s*)__shared__ (.+?) (\w+)((?:\[\w+\])?);",
+                       r"\1static thread_local \2 \3\4; ::cuda_emulator::fresh_shared(&\3, sizeof(\3));",
+                       count_at_least=8, flags=re.M)
+    if "__shared__ " in text.replace("__shared__ arrays", ""):
+        raise RuntimeError("cuda_emulation: a __shared__ declaration flood_ce.cu's rewrite did not understand")
     text = "\n".join(_LAUNCH.sub(r"\1::cuda_emulator::launch(\2, \3)(", line) for line in text.split("\n"))
     if "<<<" in text:
         raise RuntimeError("cuda_emulation: a kernel launch flood_ce.cu's rewrite did not understand")
@@ -83,7 +89,9 @@ def emulated_ops(sm: int) -> Any:
     source = build_dir / f"{library}.cpp"
     text = emulated_source(library, sm)
     if not source.exists() or source.read_text() != text:  # unchanged: ninja keeps the object file
-        source.write_text(text)
+        staged = source.with_name(f"{source.name}.{os.getpid()}")
+        staged.write_text(text)
+        os.replace(staged, source)  # atomic: a concurrent build (pytest-xdist) never reads half a file
     sanitizer = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
     cpp_extension.load(
         name=library,

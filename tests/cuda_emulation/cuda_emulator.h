@@ -59,7 +59,6 @@
 #define __global__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
 
 struct dim3 {
   unsigned x, y, z;
@@ -162,6 +161,7 @@ struct BlockRun {
   void* scheduler_fake_stack = nullptr;
   const char* fiber_stacks = nullptr;     // fiber i's stack starts at fiber_stacks + i * fiber_stack_stride
   size_t fiber_stack_stride = 0;
+  std::vector<const void*> shared_declared;  // this block's __shared__ variables, poisoned on first declaration
   std::string error;
 };
 
@@ -349,6 +349,16 @@ inline void start_fiber(Fiber& f, const Stacks& stacks, size_t i) {
   f.context.uc_link = nullptr;
   makecontext(&f.context, &fiber_main, 0);
 #endif
+}
+
+// A __shared__ declaration (rewritten to `static thread_local T name; fresh_shared(&name, sizeof(name));`): the
+// first thread of the block to reach it fills the variable with 0xff bytes, NaN in every floating type, as shared
+// memory holds no defined value when a block starts.
+inline void fresh_shared(void* variable, size_t bytes) {
+  std::vector<const void*>& declared = block().shared_declared;
+  if (std::find(declared.begin(), declared.end(), variable) != declared.end()) return;
+  declared.push_back(variable);
+  std::memset(variable, 0xff, bytes);
 }
 
 // ---- synchronization ---------------------------------------------------------------------------------
