@@ -6,9 +6,11 @@
 //   only where CUDA threads wait for each other: __syncthreads, __syncwarp, warp shuffles, cluster barriers. At
 //   each of those points the order in which the waiting fibers resume is reshuffled (schedule_seed), so a result
 //   that depends on an order the barriers do not impose differs between schedules.
-// - __shared__ variables are thread_local: each block (one OS thread) has its own copy. The blocks of a
-//   thread-block cluster run concurrently, one OS thread each; map_shared_rank finds block r's copy at the same
-//   offset from block r's TLS anchor (the layout of a module's TLS block is the same in every thread).
+// - __shared__ variables become thread_local ones (tests/cuda_emulation/__init__.py rewrites the declarations):
+//   each block (one OS thread) has its own copy, filled with NaN bytes when the block first reaches the
+//   declaration, so a read of a slot no thread wrote is NaN. The blocks of a thread-block cluster run
+//   concurrently, one OS thread each; map_shared_rank finds block r's copy at the same offset from block r's TLS
+//   anchor (the layout of a module's TLS block is the same in every thread).
 // - Strict where CUDA leaves behaviour undefined or the hardware would fail: a __syncthreads that some threads
 //   reach at another line or after others exited, a warp operation that not all 32 lanes reach at the same line, a
 //   full-mask warp operation with exited lanes, a deadlock, __trap(), a cluster launch on a device or build
