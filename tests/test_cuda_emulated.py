@@ -10,7 +10,10 @@ kernels compute, index and synchronize is checked here, on every machine, before
 from __future__ import annotations
 
 import functools
+import os
 import random
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -27,6 +30,11 @@ ARCHS = (80, 90)
 
 # Row-resident limits of flood_ce.cu: 512 threads x 8 packs of 16 bytes per block, clusters of up to 8 blocks.
 RESIDENT_BLOCK_BYTES = 512 * 8 * 16
+
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="the CUDA emulation builds with the host C++ compiler on Linux (fibers on mmap'd stacks)")
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=[f"sm{sm}" for sm in ARCHS])
