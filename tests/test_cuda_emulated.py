@@ -322,3 +322,33 @@ def test_scale_grad(sm, dtype, n, offset):
     expected = before.clone()
     expected[offset:offset + n] = (before[offset:offset + n].to(loss_dtype) * -1.7).to(dtype)
     assert torch.equal(base.view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("v,dtype", [(1000, torch.bfloat16), (3000, torch.bfloat16), (40000, torch.float32)])
+def test_rows_past_the_int32_range(sm, v, dtype):
+    """A second row 2**31 + 67 elements after the first (an address space reserved, two rows written): the row
+    offsets are 64-bit in every path (warp, resident block, cluster on sm_90) and in the in-place backward."""
+    stride = 2**31 + 67
+    try:
+        big = torch.empty(stride + v, dtype=dtype)  # untouched pages: only the two rows are ever written
+    except RuntimeError:
+        pytest.skip("cannot reserve the address space of a 2**31-element buffer here")
+    logits = big.as_strided((2, v), (stride, 1))
+    gen = torch.Generator().manual_seed(v)
+    logits.copy_((torch.randn(2, v, generator=gen) * 3).to(dtype))
+    target = torch.randint(0, v, (2,), generator=gen)
+    case = Case(big, logits, target)
+    ops = cuda_emulation.emulated_ops(sm)
+    grad_losses = torch.tensor([0.5, -2.0])
+    ref_losses, ref_lse, ref_grad = reference(case, grad_losses)
+    scale = term_scale(case, grad_losses, ref_lse)
+    losses, lse = ops.forward(logits, target, None, *case.scalars(), False)
+    assert_loss_close(losses, ref_losses)
+    assert_grad_close(ops.backward(grad_losses, logits, target, None, lse, *case.scalars()), ref_grad, dtype, scale)
+    ref_fused_grad = reference(case, torch.ones(2))[2]
+    fused_losses, fused_grad = ops.loss_and_grad(logits, target, None, torch.zeros(2), torch.tensor(1.0), False,
+                                                 *case.scalars())
+    assert_loss_close(fused_losses, ref_losses)
+    assert_grad_close(fused_grad, ref_fused_grad, dtype, term_scale(case, torch.ones(2), ref_lse))
+    ops.backward_(grad_losses, logits, target, None, lse, *case.scalars())
+    assert_grad_close(logits, ref_grad, dtype, scale)

@@ -13,7 +13,8 @@
 //   anchor (the layout of a module's TLS block is the same in every thread).
 // - Strict where CUDA leaves behaviour undefined or the hardware would fail: a __syncthreads that some threads
 //   reach at another line or after others exited, a warp operation that not all 32 lanes reach at the same line, a
-//   full-mask warp operation with exited lanes, a deadlock, __trap(), a cluster launch on a device or build
+//   full-mask warp operation with exited lanes, a deadlock, __trap(), a fault (an invalid address; under ASan, its
+//   report instead), a cluster launch on a device or build
 //   without clusters, a grid that is not a whole number of clusters. The launch then fails with a message naming
 //   the source line (the translation unit keeps flood_ce.cu's line numbers).
 // - __expf is exp2(x * log2(e)) in float, as the GPU's ex2.approx computes it, up to its last-bit error.
@@ -24,6 +25,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -164,6 +166,7 @@ struct BlockRun {
   const char* fiber_stacks = nullptr;     // fiber i's stack starts at fiber_stacks + i * fiber_stack_stride
   size_t fiber_stack_stride = 0;
   std::vector<const void*> shared_declared;  // this block's __shared__ variables, poisoned on first declaration
+  bool fiber_running = false;                // a CUDA thread runs (a fault is the kernel's)
   std::string error;
 };
 
@@ -252,11 +255,13 @@ inline void resume(BlockRun& b, Fiber& f) {
   const size_t i = static_cast<size_t>(&f - b.fibers.data());
   __sanitizer_start_switch_fiber(&b.scheduler_fake_stack, b.fiber_stacks + i * b.fiber_stack_stride, kStackBytes);
 #endif
+  b.fiber_running = true;
 #if defined(__x86_64__)
   cuda_emulator_switch(&b.scheduler_sp, f.sp);
 #else
   swapcontext(&b.scheduler_context, &f.context);
 #endif
+  b.fiber_running = false;
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_finish_switch_fiber(b.scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -269,6 +274,40 @@ inline void resume(BlockRun& b, Fiber& f) {
   b.current->wait = Wait::kFailed;
   yield(/*final=*/true);
   std::abort();  // never resumed
+}
+
+// A fault (SIGSEGV, SIGBUS) in a kernel fails its launch with the address, as an illegal address fails a launch on
+// a GPU, instead of taking the process down; faults anywhere else go to the handler that was there before (Python's
+// faulthandler under pytest). Under ASan, ASan's own handler reports them.
+inline struct sigaction previous_fault_actions[2];
+
+inline void on_fault(int signal, siginfo_t* info, void*) {
+  BlockRun* b = tls_block;
+  if (b == nullptr || !b->fiber_running) {
+    sigaction(signal, &previous_fault_actions[signal == SIGBUS], nullptr);
+    return;  // the instruction faults again, under the previous handler
+  }
+  std::ostringstream out;
+  out << (signal == SIGBUS ? "SIGBUS" : "SIGSEGV") << ": invalid memory access at " << info->si_addr << " in block ("
+      << b->block_idx.x << "," << b->block_idx.y << "," << b->block_idx.z << "), thread (" << b->current->thread_idx.x
+      << "," << b->current->thread_idx.y << "," << b->current->thread_idx.z << ")";
+  fail(out.str());  // to the scheduler; the signal frame is abandoned (SA_NODEFER: nothing stays blocked)
+}
+
+inline void install_fault_handler() {
+#if !defined(__SANITIZE_ADDRESS__)
+  const int signals[2] = {SIGSEGV, SIGBUS};
+  for (int i = 0; i < 2; ++i) {
+    struct sigaction current {};
+    sigaction(signals[i], nullptr, &current);
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == &on_fault) continue;
+    struct sigaction action {};
+    action.sa_sigaction = &on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    sigaction(signals[i], &action, &previous_fault_actions[i]);
+  }
+#endif
 }
 
 inline std::string where(int line) {
@@ -617,7 +656,17 @@ inline void run_grid(const char* api, dim3 grid, dim3 block_dim, unsigned cluste
   std::unique_ptr<Cluster> current_cluster;  // the running cluster's state, replaced when all its blocks finished
   bool stop = false;
 
+  install_fault_handler();
   auto worker = [&](unsigned rank) {
+    // The fault handler's own stack: a fiber that overflows into its guard page has none left.
+    std::vector<char> signal_stack(64 * 1024);
+    stack_t alternate{signal_stack.data(), 0, signal_stack.size()};
+    stack_t previous_stack{};
+    sigaltstack(&alternate, &previous_stack);
+    struct RestoreStack {
+      stack_t stack;
+      ~RestoreStack() { sigaltstack(&stack, nullptr); }
+    } restore{previous_stack};
     Stacks stacks(threads);
     std::mt19937_64 schedule(settings().schedule_seed * 0x9E3779B97F4A7C15ull + rank);
     for (uint64_t c = 0; c < clusters; ++c) {
