@@ -14,9 +14,9 @@
 // - Strict where CUDA leaves behaviour undefined or the hardware would fail: a __syncthreads that some threads
 //   reach at another line or after others exited, a warp operation that not all 32 lanes reach at the same line, a
 //   full-mask warp operation with exited lanes, a deadlock, __trap(), a fault (an invalid address; under ASan, its
-//   report instead), a cluster launch on a device or build
-//   without clusters, a grid that is not a whole number of clusters. The launch then fails with a message naming
-//   the source line (the translation unit keeps flood_ce.cu's line numbers).
+//   report instead), a cluster launch on a device or build without clusters, a grid that is not a whole number of
+//   clusters. The launch then fails with a message naming the source line (the translation unit keeps
+//   flood_ce.cu's line numbers) or the faulting address.
 // - __expf is exp2(x * log2(e)) in float, as the GPU's ex2.approx computes it, up to its last-bit error.
 #pragma once
 
