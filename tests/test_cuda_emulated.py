@@ -46,6 +46,11 @@ def sm(request: Any) -> int:
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def bits(t: Tensor) -> Tensor:
+    """t's elements as integers of their width: compared with torch.equal, bit for bit (NaN payloads included)."""
+    return t.view(_INT_VIEW[t.element_size()])
+
+
 @dataclass
 class Case:
     """One call of the ops: logits as rows of a NaN-filled buffer (`base`), target, options, the emulated device."""
@@ -60,7 +65,7 @@ class Case:
     reverse_ce: float = 0.0
     reverse_ce_log_zero: float = -4.0
     device_sm: int = 90
-    max_active_clusters: int = 132
+    max_active_clusters: int = cuda_emulation.MAX_ACTIVE_CLUSTERS
     schedule_seed: int = 0
     description: str = ""
 
@@ -131,8 +136,7 @@ def run_ops(case: Case, sm: int) -> None:
     """forward, backward (out of place and in place) and loss_and_grad (per-row flood signs and a grad_scale)
     against the reference; the in-place backward must leave the rest of its buffer bit for bit as it was."""
     ops = cuda_emulation.emulated_ops(sm)
-    restore = cuda_emulation.configured(sm, case.device_sm, case.max_active_clusters, case.schedule_seed)
-    try:
+    with cuda_emulation.configured(sm, case.device_sm, case.max_active_clusters, case.schedule_seed):
         n, v = case.logits.shape
         dtype = case.logits.dtype
         loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -156,9 +160,7 @@ def run_ops(case: Case, sm: int) -> None:
         labelled("in-place backward", assert_grad_rows_close, case.logits_in(base), ref_grad, dtype, scale)
         outside = torch.ones(base.numel(), dtype=torch.bool)
         case.logits_in(outside).fill_(False)
-        bits = _INT_VIEW[base.element_size()]
-        assert torch.equal(base.view(bits)[outside], case.base.view(bits)[outside]), \
-            "in-place backward wrote outside the rows"
+        assert torch.equal(bits(base)[outside], bits(case.base)[outside]), "in-place backward wrote outside the rows"
 
         grad_scale = torch.tensor(-0.75, dtype=loss_dtype)
         sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0).double()
@@ -171,8 +173,6 @@ def run_ops(case: Case, sm: int) -> None:
         labelled("loss_and_grad losses", assert_loss_close, fused_losses, ref_losses, rtol)
         labelled("loss_and_grad", assert_grad_rows_close, fused_grad, ref_fused_grad, dtype,
                  term_scale(case, row_scale, ref_lse))
-    finally:
-        restore()
 
 
 def launches_of(sm: int, call: Any) -> Tuple[str, ...]:
@@ -189,17 +189,18 @@ def make_case(x: Tensor, target: Tensor, pad: int = 0, offset: int = 0, **option
 # (classes, dtype, device_sm, max_active_clusters) -> how loss_and_grad runs on sm_90 code: the launch API and the
 # cluster size of its one launch. On sm_80 code (or an sm_80 device) clusters never run: rows that fit a block
 # stay resident, longer ones take the two-pass kernel.
+CLUSTERS = cuda_emulation.MAX_ACTIVE_CLUSTERS
 PATHS = [
-    pytest.param(700, torch.float32, 90, 132, ("<<<>>>", 1), id="warp-per-row"),
-    pytest.param(3001, torch.float16, 90, 132, ("cudaLaunchKernelEx", 1), id="one-block"),
-    pytest.param(16384, torch.float32, 90, 132, ("cudaLaunchKernelEx", 1), id="one-full-block"),
-    pytest.param(16385, torch.float32, 90, 132, ("cudaLaunchKernelEx", 2), id="cluster-2"),
-    pytest.param(100000, torch.bfloat16, 90, 132, ("cudaLaunchKernelEx", 4), id="cluster-4"),
-    pytest.param(131072, torch.float32, 90, 132, ("cudaLaunchKernelEx", 8), id="cluster-8"),
-    pytest.param(65536, torch.float64, 90, 132, ("cudaLaunchKernelEx", 8), id="cluster-8-float64"),
-    pytest.param(262145, torch.bfloat16, 90, 132, ("<<<>>>", 1), id="beyond-clusters"),
+    pytest.param(700, torch.float32, 90, CLUSTERS, ("<<<>>>", 1), id="warp-per-row"),
+    pytest.param(3001, torch.float16, 90, CLUSTERS, ("cudaLaunchKernelEx", 1), id="one-block"),
+    pytest.param(16384, torch.float32, 90, CLUSTERS, ("cudaLaunchKernelEx", 1), id="one-full-block"),
+    pytest.param(16385, torch.float32, 90, CLUSTERS, ("cudaLaunchKernelEx", 2), id="cluster-2"),
+    pytest.param(100000, torch.bfloat16, 90, CLUSTERS, ("cudaLaunchKernelEx", 4), id="cluster-4"),
+    pytest.param(131072, torch.float32, 90, CLUSTERS, ("cudaLaunchKernelEx", 8), id="cluster-8"),
+    pytest.param(65536, torch.float64, 90, CLUSTERS, ("cudaLaunchKernelEx", 8), id="cluster-8-float64"),
+    pytest.param(262145, torch.bfloat16, 90, CLUSTERS, ("<<<>>>", 1), id="beyond-clusters"),
     pytest.param(40000, torch.float32, 90, 0, ("<<<>>>", 1), id="no-cluster-fits"),
-    pytest.param(40000, torch.float32, 80, 132, ("<<<>>>", 1), id="sm80-device"),
+    pytest.param(40000, torch.float32, 80, CLUSTERS, ("<<<>>>", 1), id="sm80-device"),
 ]
 
 
@@ -256,7 +257,7 @@ def draw(seed: int, sm: int) -> Case:
     offset = rng.choice([0, 0, 1, 2, 5])
     device_sm = rng.choice([sm, sm, 80 if sm == 90 else 90])
     case = make_case(x.to(dtype), target, pad, offset, ignore_index=ignore_index, device_sm=device_sm,
-                     max_active_clusters=rng.choice([132, 132, 0]), schedule_seed=rng.choice([0, seed]), **options)
+                     max_active_clusters=rng.choice([CLUSTERS, CLUSTERS, 0]), schedule_seed=rng.choice([0, seed]), **options)
     shown = {key: (f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value)
              for key, value in options.items()}
     case.description = (f"seed {seed}: sm_{sm} code on an sm_{device_sm} device, {path}: N={n} V={v} {dtype}, row "
@@ -280,29 +281,26 @@ def test_results_do_not_depend_on_the_thread_schedule(sm, v, dtype):
     x = (torch.randn(n, v, generator=gen) * 4).to(dtype)
     target = torch.randint(0, v, (n,), generator=gen)
     weight = torch.rand(v, generator=gen) + 0.5
-    base, logits = rows_of_a_buffer(x, pad=1, offset=3)
+    case = make_case(x, target, pad=1, offset=3)
+    logits = case.logits
     ops = cuda_emulation.emulated_ops(sm)
     scalars = (-100, 0.2, 1e-3, 10.0, 0.5, -4.0)
     grad_losses = torch.randn(n)
     levels = torch.rand(n) * 8
 
     def run_all(schedule_seed: int) -> Tuple[Tensor, ...]:
-        restore = cuda_emulation.configured(sm, sm, 132, schedule_seed)
-        try:
+        with cuda_emulation.configured(sm, sm, schedule_seed=schedule_seed):
             losses, lse = ops.forward(logits, target, weight, *scalars, False)
             grad = ops.backward(grad_losses, logits, target, weight, lse, *scalars)
-            in_place = base.clone()
-            ops.backward_(grad_losses, in_place.as_strided(logits.shape, logits.stride(), logits.storage_offset()),
-                          target, weight, lse, *scalars)
+            in_place = case.base.clone()
+            ops.backward_(grad_losses, case.logits_in(in_place), target, weight, lse, *scalars)
             fused = ops.loss_and_grad(logits, target, weight, levels, torch.tensor(0.5), True, *scalars)
             return (losses, lse, grad, in_place) + tuple(fused)
-        finally:
-            restore()
 
     in_order = run_all(0)
     for seed in (1, 2, 3):
         for a, b in zip(in_order, run_all(seed)):
-            assert torch.equal(a.view(_INT_VIEW[a.element_size()]), b.view(_INT_VIEW[b.element_size()])), seed
+            assert torch.equal(bits(a), bits(b)), seed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -316,12 +314,11 @@ def test_scale_grad(sm, dtype, n, offset):
     grad = base[offset:offset + n]
     before = base.clone()
     ops.scale_grad_(grad, torch.tensor(1.0, dtype=loss_dtype))
-    bits = _INT_VIEW[base.element_size()]
-    assert torch.equal(base.view(bits), before.view(bits))
+    assert torch.equal(bits(base), bits(before))
     ops.scale_grad_(grad, torch.tensor(-1.7, dtype=loss_dtype))
     expected = before.clone()
     expected[offset:offset + n] = (before[offset:offset + n].to(loss_dtype) * -1.7).to(dtype)
-    assert torch.equal(base.view(bits), expected.view(bits))
+    assert torch.equal(bits(base), bits(expected))
 
 
 @pytest.mark.parametrize("v,dtype", [(1000, torch.bfloat16), (3000, torch.bfloat16), (40000, torch.float32)])

@@ -20,11 +20,12 @@ flood_ce.cu that the emulation does not understand is an error, not a silently d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Iterator, Tuple
 
 import torch
 from torch.utils import cpp_extension
@@ -58,7 +59,7 @@ def emulated_source(library: str, sm: int) -> str:
     text = _substitute(text, r"^(\s*)__shared__ (.+?) (\w+)((?:\[\w+\])?);",
                        r"\1static thread_local \2 \3\4; ::cuda_emulator::fresh_shared(&\3, sizeof(\3));",
                        count_at_least=8, flags=re.M)
-    if "__shared__ " in text.replace("__shared__ arrays", ""):
+    if re.search(r"^\s*__shared__ ", text, flags=re.M):
         raise RuntimeError("cuda_emulation: a __shared__ declaration flood_ce.cu's rewrite did not understand")
     text = "\n".join(_LAUNCH.sub(r"\1::cuda_emulator::launch(\2, \3)(", line) for line in text.split("\n"))
     if "<<<" in text:
@@ -114,8 +115,17 @@ def take_launches(sm: int) -> Tuple[str, ...]:
     return tuple(line for line in emulated_ops(sm).take_launches().split("\n") if line)
 
 
-def configured(sm: int, device_sm: int, max_active_clusters: int = 132, schedule_seed: int = 0) -> Callable[[], None]:
-    """Sets the emulated device and returns the function that restores the defaults."""
+# cudaOccupancyMaxActiveClusters' answer unless configured (cuda_emulator.h Settings): an H100's 132 SMs.
+MAX_ACTIVE_CLUSTERS = 132
+
+
+@contextlib.contextmanager
+def configured(sm: int, device_sm: int, max_active_clusters: int = MAX_ACTIVE_CLUSTERS,
+               schedule_seed: int = 0) -> Iterator[None]:
+    """The emulated device, cluster occupancy and thread schedule inside the block; the defaults after it."""
     ops = emulated_ops(sm)
     ops.configure(device_sm, max_active_clusters, schedule_seed)
-    return lambda: ops.configure(sm, 132, 0)
+    try:
+        yield
+    finally:
+        ops.configure(sm, MAX_ACTIVE_CLUSTERS, 0)

@@ -150,7 +150,6 @@ struct BlockRun {
   dim3 block_idx;
   dim3 block_dim;
   dim3 grid_dim;
-  unsigned cluster_rank = 0;
   Cluster* cluster = nullptr;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
@@ -276,6 +275,15 @@ inline void resume(BlockRun& b, Fiber& f) {
   std::abort();  // never resumed
 }
 
+// "block (x,y,z), thread (x,y,z)" of the CUDA thread that runs now.
+inline std::string running_thread() {
+  const BlockRun& b = block();
+  std::ostringstream out;
+  out << "block (" << b.block_idx.x << "," << b.block_idx.y << "," << b.block_idx.z << "), thread ("
+      << b.current->thread_idx.x << "," << b.current->thread_idx.y << "," << b.current->thread_idx.z << ")";
+  return out.str();
+}
+
 // A fault (SIGSEGV, SIGBUS) in a kernel fails its launch with the address, as an illegal address fails a launch on
 // a GPU, instead of taking the process down; faults anywhere else go to the handler that was there before (Python's
 // faulthandler under pytest). Under ASan, ASan's own handler reports them.
@@ -288,9 +296,8 @@ inline void on_fault(int signal, siginfo_t* info, void*) {
     return;  // the instruction faults again, under the previous handler
   }
   std::ostringstream out;
-  out << (signal == SIGBUS ? "SIGBUS" : "SIGSEGV") << ": invalid memory access at " << info->si_addr << " in block ("
-      << b->block_idx.x << "," << b->block_idx.y << "," << b->block_idx.z << "), thread (" << b->current->thread_idx.x
-      << "," << b->current->thread_idx.y << "," << b->current->thread_idx.z << ")";
+  out << (signal == SIGBUS ? "SIGBUS" : "SIGSEGV") << ": invalid memory access at " << info->si_addr << " in "
+      << running_thread();
   fail(out.str());  // to the scheduler; the signal frame is abandoned (SA_NODEFER: nothing stays blocked)
 }
 
@@ -310,14 +317,7 @@ inline void install_fault_handler() {
 #endif
 }
 
-inline std::string where(int line) {
-  BlockRun& b = block();
-  std::ostringstream out;
-  out << "flood_ce.cu:" << line << ", block (" << b.block_idx.x << "," << b.block_idx.y << "," << b.block_idx.z
-      << "), thread (" << b.current->thread_idx.x << "," << b.current->thread_idx.y << ","
-      << b.current->thread_idx.z << ")";
-  return out.str();
-}
+inline std::string where(int line) { return "flood_ce.cu:" + std::to_string(line) + ", " + running_thread(); }
 
 inline void fiber_main() {
   BlockRun& b = block();
@@ -687,7 +687,6 @@ inline void run_grid(const char* api, dim3 grid, dim3 block_dim, unsigned cluste
                          static_cast<unsigned>(linear / (static_cast<uint64_t>(grid.x) * grid.y)));
       b.block_dim = block_dim;
       b.grid_dim = grid;
-      b.cluster_rank = rank;
       b.cluster = cluster_size > 1 ? cluster : nullptr;
       b.body = &body;
       std::string error = run_block(b, stacks, settings().schedule_seed ? &schedule : nullptr);
@@ -747,6 +746,14 @@ inline void run_grid(const char* api, dim3 grid, dim3 block_dim, unsigned cluste
   }
 }
 
+// What every CUDA thread of a launch runs: the kernel, with the arguments converted to its parameters' types once.
+template <typename... Params, typename... Args>
+std::function<void()> bind_kernel(void (*kernel)(Params...), Args&&... args) {
+  return [kernel, params = std::make_tuple(static_cast<Params>(std::forward<Args>(args))...)] {
+    std::apply(kernel, params);
+  };
+}
+
 // kernel<<<grid, block, shared_bytes, stream>>>(args) is rewritten to launch(kernel, grid, block, ...)(args).
 template <typename... Params>
 struct Launcher {
@@ -755,11 +762,7 @@ struct Launcher {
   dim3 block;
   template <typename... Args>
   void operator()(Args&&... args) const {
-    const auto k = kernel;
-    const std::function<void()> body = [k, params = std::make_tuple(static_cast<Params>(args)...)] {
-      std::apply(k, params);
-    };
-    run_grid("<<<>>>", grid, block, 1, body);
+    run_grid("<<<>>>", grid, block, 1, bind_kernel(kernel, std::forward<Args>(args)...));
   }
 };
 
@@ -820,8 +823,6 @@ struct cluster_group {
     barrier_arrive();
     barrier_wait();
   }
-  unsigned block_rank() const { return ::cuda_emulator::block().cluster_rank; }
-  unsigned num_blocks() const { return ::cuda_emulator::block().cluster->size; }
   // Block `rank`'s copy of the __shared__ (thread_local) variable at addr.
   template <typename T>
   T* map_shared_rank(T* addr, unsigned rank) const {
@@ -910,11 +911,8 @@ cudaError_t cudaOccupancyMaxActiveClusters(int* count, void (*)(Params...), cons
 template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
   TORCH_CHECK(config->dynamicSmemBytes == 0, "cuda_emulator: dynamic shared memory is not emulated");
-  const std::function<void()> body = [kernel, params = std::make_tuple(static_cast<Params>(args)...)] {
-    std::apply(kernel, params);
-  };
   cuda_emulator::run_grid("cudaLaunchKernelEx", config->gridDim, config->blockDim, cuda_emulator::cluster_of(*config),
-                          body);
+                          cuda_emulator::bind_kernel(kernel, std::forward<Args>(args)...));
   return cudaSuccess;
 }
 
