@@ -257,7 +257,8 @@ def draw(seed: int, sm: int) -> Case:
     offset = rng.choice([0, 0, 1, 2, 5])
     device_sm = rng.choice([sm, sm, 80 if sm == 90 else 90])
     case = make_case(x.to(dtype), target, pad, offset, ignore_index=ignore_index, device_sm=device_sm,
-                     max_active_clusters=rng.choice([CLUSTERS, CLUSTERS, 0]), schedule_seed=rng.choice([0, seed]), **options)
+                     max_active_clusters=rng.choice([CLUSTERS, CLUSTERS, 0]), schedule_seed=rng.choice([0, seed]),
+                     **options)
     shown = {key: (f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value)
              for key, value in options.items()}
     case.description = (f"seed {seed}: sm_{sm} code on an sm_{device_sm} device, {path}: N={n} V={v} {dtype}, row "
