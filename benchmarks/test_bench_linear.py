@@ -38,10 +38,11 @@ def implementations(device: torch.device) -> Dict[str, LossFn]:
     for backend in ours or ["reference"]:
         impls[f"flood_kernels[{backend}]"] = (lambda h, w, t, b, _backend=backend: linear_flooded_cross_entropy(
             h, w, t, flood_level=b, backend=_backend))
-        if device.type == "cuda":
-            impls[f"flood_kernels[{backend}, weight-dtype accumulation]"] = (
-                lambda h, w, t, b, _backend=backend: linear_flooded_cross_entropy(
-                    h, w, t, flood_level=b, backend=_backend, accumulate_in_fp32=False))
+        if device.type == "cuda" and backend == ours[0]:  # the grad_W sums do not depend on the CE backend
+            for accumulator in ("compensated", "weight_dtype"):
+                impls[f"flood_kernels[{backend}, {accumulator} grad_W]"] = (
+                    lambda h, w, t, b, _backend=backend, _accumulator=accumulator: linear_flooded_cross_entropy(
+                        h, w, t, flood_level=b, backend=_backend, grad_weight_accumulator=_accumulator))
     impls["eager (upcast)"] = _eager
     if device.type == "cuda":
         impls["torch.compile (upcast)"] = torch.compile(_eager, dynamic=False)

@@ -4,8 +4,11 @@ Rows are processed in chunks of ``C`` rows: ``logits = h_c @ W.T + b`` (``C x V`
 backend's cross-entropy kernel gives the per-row losses and overwrites the chunk's logits with their gradient
 ``g``; then ``grad_input_c = g @ W``, ``grad_W += g.T @ h_c`` and ``grad_b += g.sum(0)``. Memory beyond the
 inputs, weights and gradients: one chunk of logits (the default ``C`` keeps it near 256 MiB, or half the free
-GPU memory where that is less) and, with ``accumulate_in_fp32`` and low-precision weights, the float32 ``V x D``
-and ``V`` accumulators.
+GPU memory where that is less) and the accumulator of grad_W beyond the gradient itself, for low-precision
+weights: ``grad_weight_accumulator="float32"`` (the default) a float32 ``V x D`` sum (4 bytes per weight),
+``"compensated"`` an int8 ``V x D`` low part next to the gradient (1 byte; :mod:`flood_kernels.compensated_sum`:
+each chunk rounds the sum to 2**-15 of itself for bf16 instead of 2**-8, and measured, the error is float32
+accumulation's), ``"weight_dtype"`` nothing (the sum rounded to the weight's dtype after every chunk).
 
 How the loss's scale reaches the gradients. The per-row losses ``l`` go through the flood transform and the
 reduction by autograd (:func:`flood_kernels.functional.flood_row_losses`), whose gradient is
@@ -29,12 +32,14 @@ from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._distributed import SharesProcessGroup, check_process_group
+from . import compensated_sum
 from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
 from .functional import flood_row_losses, row_losses
 
 _CHUNK_BYTES = 1 << 28
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+GRAD_WEIGHT_ACCUMULATORS = ("float32", "compensated", "weight_dtype")
 
 
 def default_chunk_size(classes: int, element_size: int, free_bytes: Optional[int] = None) -> int:
@@ -45,15 +50,17 @@ def default_chunk_size(classes: int, element_size: int, free_bytes: Optional[int
     return 1 << (rows.bit_length() - 1)
 
 
-def _free_bytes_for_chunks(h: Tensor, linear_weight: Tensor) -> Optional[int]:
+def _free_bytes_for_chunks(h: Tensor, linear_weight: Tensor, accumulator: str) -> Optional[int]:
     """What a chunk's logits may use on a CUDA device: the driver's free memory and what torch's caching allocator
-    holds unused, less the gradient buffers still to be allocated (at most float32 ``V x D`` and ``V`` and the
-    ``N x D`` grad_input). None on other devices and while torch.compile traces (a driver query, not an op)."""
+    holds unused, less the gradient buffers still to be allocated (grad_W's sum, a float32 ``V`` for grad_b and
+    the ``N x D`` grad_input). None on other devices and while torch.compile traces (a driver query, not an op)."""
     if h.device.type != "cuda" or torch.compiler.is_compiling():
         return None
     free, _ = torch.cuda.mem_get_info(h.device)
     cached = torch.cuda.memory_reserved(h.device) - torch.cuda.memory_allocated(h.device)
-    buffers = (linear_weight.numel() + linear_weight.shape[0]) * 4 + h.numel() * h.element_size()
+    weight_bytes = {"float32": max(4, linear_weight.element_size()), "weight_dtype": linear_weight.element_size(),
+                    "compensated": linear_weight.element_size() + 1}[accumulator]
+    buffers = linear_weight.numel() * weight_bytes + linear_weight.shape[0] * 4 + h.numel() * h.element_size()
     return free + cached - buffers
 
 
@@ -138,32 +145,63 @@ def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtyp
     return torch.mul(buffer, scale, out=out)
 
 
+def _compensated_ops(device: torch.device) -> Any:
+    """The compensated sum's add / finish for a device: the fused Triton GEMM on CUDA, PyTorch elsewhere."""
+    if device.type != "cuda":
+        return compensated_sum
+    try:
+        from .triton import compensated_sum as triton_compensated_sum
+    except ImportError as error:
+        raise RuntimeError('grad_weight_accumulator="compensated" needs Triton on CUDA (pip install triton); '
+                           'use "float32" or "weight_dtype" without it') from error
+    return triton_compensated_sum
+
+
 class _Gradients:
-    """Gradient buffers filled chunk by chunk: grad_input rows in the input's dtype (each row is one matmul),
-    grad_W and grad_b sums in float32 (``accumulate_in_fp32`` with low-precision weights) or the weight's dtype."""
+    """Gradient buffers filled chunk by chunk: grad_input rows in the input's dtype (each row is one matmul);
+    grad_W and grad_b sums as ``accumulator`` says (module docstring): float32 (for grad_b also under
+    "compensated"), the weight's dtype, or for grad_W of a 16-bit weight the compensated (high, int8 low) pair."""
 
     def __init__(self, h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], needs: Tuple[bool, ...],
-                 accumulate_in_fp32: bool) -> None:
-        def accumulator(param: Tensor) -> Tensor:
-            dtype = torch.promote_types(param.dtype, torch.float32) if accumulate_in_fp32 else param.dtype
+                 accumulator: str) -> None:
+        def zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
             return torch.zeros(param.shape, dtype=dtype, device=param.device)
 
+        def summed_dtype(param: Tensor) -> torch.dtype:
+            return param.dtype if accumulator == "weight_dtype" else torch.promote_types(param.dtype, torch.float32)
+
         self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-        self.weight = accumulator(linear_weight) if needs[1] else None
-        self.bias = accumulator(linear_bias) if needs[2] else None
+        self.weight = self.weight_low = self.compensated = None
+        if needs[1] and accumulator == "compensated" and compensated_sum.uses_low_part(linear_weight.dtype):
+            self.compensated = _compensated_ops(linear_weight.device)
+            self.weight = zeros(linear_weight, linear_weight.dtype)
+            self.weight_low = zeros(linear_weight, torch.int8)
+        elif needs[1]:
+            self.weight = zeros(linear_weight, summed_dtype(linear_weight))
+        self.bias = zeros(linear_bias, summed_dtype(linear_bias)) if needs[2] else None
 
     def add(self, rows: slice, grad_logits: Tensor, h: Tensor, linear_weight: Tensor) -> None:
         if self.input is not None:
             torch.mm(grad_logits, linear_weight, out=self.input[rows])
         if self.weight is not None:
-            if self.weight.dtype == grad_logits.dtype:
+            if self.compensated is not None:
+                self.compensated.accumulate_(self.weight, self.weight_low, grad_logits, h)
+            elif self.weight.dtype == grad_logits.dtype:
                 self.weight.addmm_(grad_logits.t(), h)
             elif grad_logits.is_cuda:  # cuBLAS reads and writes the float32 accumulator: no temporary
                 torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, out=self.weight)
-            else:  # no mixed-precision GEMM on CPU: one (V, D) temporary per chunk
-                self.weight += torch.mm(grad_logits.t(), h)
+            else:  # no mixed-precision GEMM on CPU: the float32 product a slice of the vocabulary at a time
+                for classes, product in compensated_sum.float32_products(grad_logits, h):
+                    self.weight[classes] += product
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def scaled(self, scale: Optional[Tensor], dtypes: Tuple[Optional[torch.dtype], ...]) -> Tuple[Optional[Tensor], ...]:
+        """The gradients of (input, weight, bias) times ``scale`` (None: 1), in ``dtypes``; buffers reused in place
+        where they have the dtype."""
+        weight = (self.compensated.finish_(self.weight, self.weight_low, scale) if self.compensated is not None
+                  else _scaled(self.weight, scale, dtypes[1]))
+        return _scaled(self.input, scale, dtypes[0]), weight, _scaled(self.bias, scale, dtypes[2])
 
 
 class _LinearRowLosses(torch.autograd.Function):
@@ -175,14 +213,14 @@ class _LinearRowLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, linear_weight, linear_bias, target, weight, level, options, backend, chunk_size,
-                accumulate_in_fp32, grad_enabled):
+                grad_weight_accumulator, grad_enabled):
         needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
         recompute = options.reduction == "none"
         fused = any(needs) and not recompute
         rows = h.shape[0]
         losses = torch.empty(rows, dtype=loss_dtype(h.dtype), device=h.device)
         lse = losses.new_empty(rows, 2) if recompute and any(needs) and backend != "reference" else None
-        grads = _Gradients(h, linear_weight, linear_bias, needs, accumulate_in_fp32) if fused else None
+        grads = _Gradients(h, linear_weight, linear_bias, needs, grad_weight_accumulator) if fused else None
         factor = torch.empty_like(losses) if fused else None
         for start in range(0, rows, chunk_size):
             chunk = slice(start, min(start + chunk_size, rows))
@@ -197,7 +235,7 @@ class _LinearRowLosses(torch.autograd.Function):
                 grads.add(chunk, _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend),
                           h_chunk, linear_weight)
             del logits  # before the next chunk's logits exist: one chunk of logits alive at a time, not two
-        ctx.settings = (options, backend, chunk_size, accumulate_in_fp32, needs)
+        ctx.settings = (options, backend, chunk_size, grad_weight_accumulator, needs)
         ctx.dtypes = (h.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         ctx.grads, ctx.factor = grads, factor
         if recompute and any(needs):
@@ -219,17 +257,16 @@ class _LinearRowLosses(torch.autograd.Function):
                     )
                 grads, ctx.grads = ctx.grads, None
                 scale = _uniform_scale(grad_losses, ctx.factor)
-            results = tuple(_scaled(buffer, scale, dtype) for buffer, dtype in
-                            zip((grads.input, grads.weight, grads.bias), ctx.dtypes))
+            results = grads.scaled(scale, ctx.dtypes)
         return results + (None,) * 8
 
 
 def _recompute_gradients(ctx, grad_losses: Tensor) -> _Gradients:
     """The second chunked pass of ``reduction="none"``: logits again, the kernel applies ``grad_losses`` per row."""
-    options, backend, chunk_size, accumulate_in_fp32, needs = ctx.settings
+    options, backend, chunk_size, grad_weight_accumulator, needs = ctx.settings
     h, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
     scale = grad_losses.to(loss_dtype(h.dtype)).contiguous()
-    grads = _Gradients(h, linear_weight, linear_bias, needs, accumulate_in_fp32)
+    grads = _Gradients(h, linear_weight, linear_bias, needs, grad_weight_accumulator)
     for start in range(0, h.shape[0], chunk_size):
         chunk = slice(start, min(start + chunk_size, h.shape[0]))
         logits = _chunk_logits(h[chunk], linear_weight, linear_bias)
@@ -270,9 +307,10 @@ def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Te
             raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}")
 
 
-def _check_chunk_size(chunk_size: Optional[int], h: Tensor, linear_weight: Tensor) -> int:
+def _check_chunk_size(chunk_size: Optional[int], h: Tensor, linear_weight: Tensor, accumulator: str) -> int:
     if chunk_size is None:
-        return default_chunk_size(linear_weight.shape[0], h.element_size(), _free_bytes_for_chunks(h, linear_weight))
+        return default_chunk_size(linear_weight.shape[0], h.element_size(),
+                                  _free_bytes_for_chunks(h, linear_weight, accumulator))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -297,7 +335,7 @@ def linear_flooded_cross_entropy(
     reverse_ce: float = 0.0,
     reverse_ce_log_zero: float = -4.0,
     chunk_size: Optional[int] = None,
-    accumulate_in_fp32: bool = True,
+    grad_weight_accumulator: str = "float32",
     backend: str = "auto",
     return_raw: bool = False,
     process_group: Optional[Any] = None,
@@ -308,43 +346,46 @@ def linear_flooded_cross_entropy(
     ``linear_weight`` is ``(V, D)``, ``linear_bias`` ``(V,)``. The value and gradients are those of
     :func:`flood_kernels.flooded_cross_entropy` on the ``(N, V)`` logits with the same options (argument
     names follow ``F.linear_cross_entropy``). Rows go through in chunks of ``chunk_size`` (default: from V and
-    the free memory, about 256 MiB of logits per chunk); ``accumulate_in_fp32`` sums grad_W and grad_b over the
-    chunks in float32 (``V x D`` floats) before casting to the weight's dtype, else in the weight's dtype (less
-    memory).
+    the free memory, about 256 MiB of logits per chunk). ``grad_weight_accumulator`` says how grad_W and grad_b are
+    summed over the chunks for bfloat16 / float16 weights: "float32" (4 bytes per weight, cast at the end),
+    "compensated" (grad_W as the gradient plus an int8 low part, 1 byte per weight, with the error of "float32"
+    accumulation, measured; grad_b in float32; the fused GEMM of :mod:`flood_kernels.triton.compensated_sum` on
+    CUDA), or "weight_dtype" (no extra memory, one rounding to the weight's dtype per chunk).
     Gradients are computed in forward and consumed by the first backward (reduction="none": recomputed there).
     ``process_group`` floods the loss of the whole data-parallel batch (see :func:`flooded_cross_entropy`).
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
     loss, raw = linear_flooded_cross_entropy_with_options(input, linear_weight, target, linear_bias, options,
-                                                          flood_level, weight, chunk_size, accumulate_in_fp32,
+                                                          flood_level, weight, chunk_size, grad_weight_accumulator,
                                                           backend, process_group)
     return (loss, raw) if return_raw else loss
 
 
 def linear_flooded_cross_entropy_with_options(
     input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor], options: LossOptions,
-    flood_level: FloodLevel, weight: Optional[Tensor], chunk_size: Optional[int], accumulate_in_fp32: bool,
+    flood_level: FloodLevel, weight: Optional[Tensor], chunk_size: Optional[int], grad_weight_accumulator: str,
     backend: str, process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``linear_flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
     input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
     _check_linear(input, linear_weight, linear_bias)
     check_process_group(process_group, options.reduction)
-    if not isinstance(accumulate_in_fp32, bool):
-        raise TypeError(f"accumulate_in_fp32 must be a bool, got {type(accumulate_in_fp32).__name__}")
+    if grad_weight_accumulator not in GRAD_WEIGHT_ACCUMULATORS:
+        raise ValueError(f"grad_weight_accumulator must be one of {', '.join(map(repr, GRAD_WEIGHT_ACCUMULATORS))}, "
+                         f"got {grad_weight_accumulator!r}")
     classes, features = linear_weight.shape
     row_shape = input.shape[:-1]
     flat_target = check_target(target, tuple(row_shape), input.device)
     h = input.reshape(-1, features)
-    chunk = _check_chunk_size(chunk_size, h, linear_weight)
+    chunk = _check_chunk_size(chunk_size, h, linear_weight, grad_weight_accumulator)
     dtype = loss_dtype(input.dtype)
     weight = check_weight(weight, classes, input.device, dtype)
     level = check_flood_level(flood_level, options.flood, h.shape[0], row_shape, input.device, dtype)
     name = backends.resolve(backend, input.device)
     with _autocast_off(input.device):  # the chunks' matmuls run in the operands' dtype (and the accumulators')
         losses = _LinearRowLosses.apply(h, linear_weight, linear_bias, flat_target, weight, level, options, name,
-                                        chunk, accumulate_in_fp32, torch.is_grad_enabled())
+                                        chunk, grad_weight_accumulator, torch.is_grad_enabled())
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape, process_group=process_group)
 
 
@@ -369,7 +410,7 @@ class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
         reverse_ce: float = 0.0,
         reverse_ce_log_zero: float = -4.0,
         chunk_size: Optional[int] = None,
-        accumulate_in_fp32: bool = True,
+        grad_weight_accumulator: str = "float32",
         backend: str = "auto",
         process_group: Optional[Any] = None,
     ) -> None:
@@ -382,7 +423,7 @@ class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
         else:
             self.flood_level = flood_level
         self.chunk_size = chunk_size
-        self.accumulate_in_fp32 = accumulate_in_fp32
+        self.grad_weight_accumulator = grad_weight_accumulator
         self.backend = backend
         self.process_group = process_group
         self.last_raw_loss: Optional[Tensor] = None
@@ -391,7 +432,7 @@ class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
                 linear_bias: Optional[Tensor] = None) -> Tensor:
         loss, raw = linear_flooded_cross_entropy_with_options(
             input, linear_weight, target, linear_bias, self.options, self.flood_level, self.weight, self.chunk_size,
-            self.accumulate_in_fp32, self.backend, self.process_group)
+            self.grad_weight_accumulator, self.backend, self.process_group)
         self.last_raw_loss = raw
         return loss
 
@@ -401,4 +442,4 @@ class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
         return (f"flood={o.flood!r}, flood_level={level}, reduction={o.reduction!r}, "
                 f"ignore_index={o.ignore_index}, label_smoothing={o.label_smoothing}, z_loss={o.z_loss}, "
                 f"softcap={o.softcap}, reverse_ce={o.reverse_ce}, chunk_size={self.chunk_size}, "
-                f"accumulate_in_fp32={self.accumulate_in_fp32}, backend={self.backend!r}")
+                f"grad_weight_accumulator={self.grad_weight_accumulator!r}, backend={self.backend!r}")

@@ -39,6 +39,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from flood_kernels import compensated_sum as compensated_spec  # noqa: E402
+from flood_kernels.triton import compensated_sum as compensated  # noqa: E402
 from flood_kernels.triton import cross_entropy as ce  # noqa: E402
 from flood_kernels.triton import flood_epilogue as epilogue  # noqa: E402
 
@@ -193,6 +195,50 @@ def check_epilogue(archs) -> list:
     return failures
 
 
+def check_compensated_sum(archs) -> list:
+    """The grad_W GEMM with the compensated epilogue (bf16, fp16) and its finish kernel, with each arch's tiles:
+    they must compile without local memory, the GEMM on tensor cores (sm_90 wgmma, sm_80 mma), and the finish
+    kernel with 16-byte loads of high."""
+    failures = []
+    for arch, (name, dtype) in itertools.product(archs, (("bf16", torch.bfloat16), ("fp16", torch.float16))):
+        mantissa_bits, min_field = compensated_spec.HIGH_DTYPES[dtype]
+        block_c, block_f, block_r, num_warps, num_stages = compensated._TILES[9 if arch >= 90 else 8]
+        gemm = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "grad_logits_ptr": f"*{name}", "input_ptr": f"*{name}",
+                 "n_classes": "i32", "n_features": "i32", "n_rows": "i32", "grad_logits_row_stride": "i32",
+                 "input_row_stride": "i32"},
+                {"MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field, "BLOCK_C": block_c,
+                 "BLOCK_F": block_f, "BLOCK_R": block_r, "GROUP_C": compensated._GROUP_C, "DOT_IN_FLOAT32": False},
+                {"num_warps": num_warps, "num_stages": num_stages}, "wgmma.mma_async" if arch >= 90 else "mma.sync")
+        finish = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "scale_ptr": "*fp32", "n_elements": "i64"},
+                  {"HAS_SCALE": True, "MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field,
+                   "BLOCK": compensated._FINISH_BLOCK}, {"num_warps": 4}, "ld.global.v4.b32")
+        for kernel, (signature, constexprs, options, needed) in ((compensated._accumulate_kernel, gemm),
+                                                                 (compensated._finish_kernel, finish)):
+            names = list(signature) + list(constexprs)
+            aligned = [n for n, kind in signature.items() if kind.startswith("*") or n in
+                       ("n_classes", "n_features", "grad_logits_row_stride", "input_row_stride", "n_elements")]
+            src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
+                            constexprs={(names.index(n),): value for n, value in constexprs.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+            label = f"compensated {kernel.fn.__name__} {name} sm_{arch}"
+            start = time.perf_counter()
+            try:
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            except Exception as error:  # any compiler error is the finding
+                failures.append(f"{label}: {type(error).__name__}: {error}")
+                continue
+            usage = resource_usage(compiled)
+            local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+            found = needed in compiled.asm["ptx"]
+            print(f"{label}: {usage.get('REG')} registers, {compiled.metadata.shared} B shared, {local} B local, "
+                  f"{needed}: {'yes' if found else 'NO'} ({time.perf_counter() - start:.1f} s)")
+            if local:
+                failures.append(f"{label}: {local} bytes of local memory (spills)")
+            if not found:
+                failures.append(f"{label}: no {needed} in the PTX")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="90,80", help="comma list of compute capabilities")
@@ -231,6 +277,7 @@ def main() -> int:
             except Exception as error:
                 failures.append(f"{name} {dtype} sm_90 V={v}: {type(error).__name__}: {error}")
     failures += check_epilogue(int(a) for a in args.archs.split(","))
+    failures += check_compensated_sum([int(a) for a in args.archs.split(",")])
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     print("check_triton_compile:", "OK" if not failures else f"{len(failures)} failure(s)")

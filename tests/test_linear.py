@@ -92,7 +92,7 @@ def grad_output_for(options, shape, value=1.0, seed=2):
 
 
 def assert_matches(h, w, b, y, grad_output, rtol, atol, options, **settings):
-    """``settings`` (backend, chunk_size, accumulate_in_fp32) go to linear_flooded_cross_entropy only."""
+    """``settings`` (backend, chunk_size, grad_weight_accumulator) go to linear_flooded_cross_entropy only."""
     expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
     loss, grads = ours(h, w, b, y, grad_output, **options, **settings)
     loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -171,14 +171,40 @@ def test_all_ignored(backend, case):
                    chunk_size=4, options=options)
 
 
-@pytest.mark.parametrize("accumulate_in_fp32", [True, False])
+@pytest.mark.parametrize("accumulator", linear.GRAD_WEIGHT_ACCUMULATORS)
 @pytest.mark.parametrize("case", ["batch", "iflood-none"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bfloat16(backend, case, accumulate_in_fp32):
+def test_bfloat16(backend, case, accumulator):
     options = resolve(CASES[case], N, V)
     h, w, b, y = make_inputs(dtype=torch.bfloat16)
     assert_matches(h, w, b, y, grad_output_for(options, (N,)), rtol=2e-2, atol=2e-2, backend=backend,
-                   chunk_size=4, accumulate_in_fp32=accumulate_in_fp32, options=options)
+                   chunk_size=4, grad_weight_accumulator=accumulator, options=options)
+
+
+def grad_weight_errors(device, backend, accumulators, flood_level=0.5):
+    """grad_W of bfloat16 inputs over 64 one-row chunks, per accumulator: its error norm relative to the float64
+    gradient of the same values."""
+    rows, d, v = 64, 24, 40
+    h, w, b, y = make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16, bias=False, ignored=0)
+    h, w, y = (t.to(device) for t in (h, w, y))
+    _, (_, expected) = reference(h, w, None, y, torch.tensor(1.0, dtype=torch.float64), flood_level=flood_level)
+    errors = {}
+    for accumulator in accumulators:
+        w_leaf = w.detach().requires_grad_()
+        linear_flooded_cross_entropy(h.detach(), w_leaf, y, flood_level=flood_level, backend=backend, chunk_size=1,
+                                     grad_weight_accumulator=accumulator).backward()
+        errors[accumulator] = float((w_leaf.grad.double() - expected).norm() / expected.norm())
+    return errors
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compensated_grad_weight_is_as_accurate_as_float32(backend):
+    """64 chunks: grad_W summed in the compensated pair (1 byte per weight) has the error of float32 accumulation
+    (4 bytes), which is the rounding of the bfloat16 gradient chunks themselves; rounded to bfloat16 after every
+    chunk the error is several times that."""
+    errors = grad_weight_errors("cpu", backend, linear.GRAD_WEIGHT_ACCUMULATORS)
+    assert errors["compensated"] <= 1.05 * errors["float32"], errors
+    assert errors["weight_dtype"] >= 2.0 * errors["float32"], errors
 
 
 @pytest.mark.parametrize("case", ["batch", "plain-none"])
@@ -397,7 +423,8 @@ def test_peak_memory_is_one_chunk_of_logits(case):
     ({"chunk_size": 0}, "chunk_size must be >= 1", ValueError),
     ({"chunk_size": 2.0}, "chunk_size must be an int", TypeError),
     ({"chunk_size": True}, "chunk_size must be an int", TypeError),
-    ({"accumulate_in_fp32": 1}, "accumulate_in_fp32 must be a bool", TypeError),
+    ({"grad_weight_accumulator": True}, "grad_weight_accumulator must be one of", ValueError),
+    ({"grad_weight_accumulator": "fp32"}, "grad_weight_accumulator must be one of", ValueError),
     ({"reduction": "avg"}, "reduction must be one of", ValueError),
     ({"reduction": "none"}, "reduction='none' is undefined with flood='batch'", ValueError),
     ({"flood_level": -1.0}, "flood_level must be >= 0", ValueError),
@@ -433,15 +460,20 @@ def test_cuda_triton_bfloat16(case):
 
 @requires_cuda
 @pytest.mark.gpu
-def test_cuda_peak_memory_is_one_chunk_and_the_accumulators():
-    """Forward (which computes the gradients) holds the float32 grad_W / grad_b accumulators, grad_input and one
-    chunk of logits; backward adds only the bfloat16 grad_W it returns. 8 MiB of slack: vectors of N or V and
-    the allocator's rounding."""
+@pytest.mark.parametrize("accumulator, weight_bytes, backward_weight_bytes", [
+    ("float32", 4, 2), ("compensated", 3, 0), ("weight_dtype", 2, 0)])
+def test_cuda_peak_memory_is_one_chunk_and_the_accumulators(accumulator, weight_bytes, backward_weight_bytes):
+    """Forward (which computes the gradients) holds grad_W's sum (float32: 4 bytes per weight; compensated: the
+    bfloat16 gradient and the int8 low part; weight_dtype: the gradient), grad_b in float32 (in bfloat16 for
+    weight_dtype, counted as 4 bytes), grad_input and one chunk of logits; backward adds only the bfloat16 grad_W
+    it returns from a float32 sum (the others finish in place). 8 MiB of slack: vectors of N or V and the
+    allocator's rounding."""
     rows, d, v, chunk = 4096, 512, 32000, 512
     h, w, b, y = to_cuda(make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16))
 
     def forward():
-        return linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="triton", chunk_size=chunk)
+        return linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="triton", chunk_size=chunk,
+                                            grad_weight_accumulator=accumulator)
 
     forward().backward()  # warm-up: the cuBLAS workspace and the kernels' compilation stay out of the measurement
     h.grad = w.grad = b.grad = None
@@ -452,19 +484,32 @@ def test_cuda_peak_memory_is_one_chunk_and_the_accumulators():
     loss = forward()
     torch.cuda.synchronize()
     forward_extra = torch.cuda.max_memory_allocated() - base
-    accumulators_bytes = (w.numel() + b.numel()) * 4
+    accumulators_bytes = w.numel() * weight_bytes + b.numel() * 4
     assert forward_extra <= accumulators_bytes + h.numel() * 2 + chunk * v * 2 + slack
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     loss.backward()
     torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - base <= w.numel() * 2 + slack
+    assert torch.cuda.max_memory_allocated() - base <= w.numel() * backward_weight_bytes + slack
 
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_compensated_grad_weight_is_as_accurate_as_float32(backend):
+    """The fused Triton GEMM's pair against cuBLAS's float32 accumulator, as on CPU."""
+    if backend not in flood_kernels.available_backends("cuda"):
+        pytest.skip(f"the {backend} backend is not available")
+    errors = grad_weight_errors("cuda", backend, linear.GRAD_WEIGHT_ACCUMULATORS)
+    assert errors["compensated"] <= 1.05 * errors["float32"], errors
+    assert errors["weight_dtype"] >= 2.0 * errors["float32"], errors
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("accumulator", ["float32", "compensated"])
 @pytest.mark.parametrize("case", ["batch", "iflood", "plain-none"])
-def test_cuda_no_host_synchronization(case):
+def test_cuda_no_host_synchronization(case, accumulator):
     """Chunking, the row factors and the backward's scale stay on the device (sync debug mode raises on any
     synchronizing call), with the usual Python-number level."""
     rows, d, v = 300, 64, 1000
@@ -473,7 +518,8 @@ def test_cuda_no_host_synchronization(case):
     grad_output = grad_output_for(options, (rows,)).float().cuda()
 
     def step():
-        loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, chunk_size=128, **options)
+        loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, chunk_size=128, grad_weight_accumulator=accumulator,
+                                            **options)
         loss.backward(grad_output)
 
     run_without_host_sync(step)
@@ -507,7 +553,8 @@ def draw_linear_case(seed: int):
         options["flood_level"] = (torch.rand(rows, generator=g) * 3 + 0.1).to(dtype)
     else:
         options["flood_level"] = rng.choice([0.5, 1.0, 3.0, 30.0])
-    settings = {"chunk_size": rng.choice([None, 1, 2, 3, n, n + 2]), "accumulate_in_fp32": rng.random() < 0.7}
+    settings = {"chunk_size": rng.choice([None, 1, 2, 3, n, n + 2]),
+                "grad_weight_accumulator": rng.choice(linear.GRAD_WEIGHT_ACCUMULATORS)}
     h, w, b, y = make_inputs(rows=rows, d=d, v=v, dtype=dtype, bias=rng.random() < 0.5,
                              ignored=rng.choice([0, 0, 1, n]), ignore_index=options["ignore_index"], seed=seed)
     grad_output = grad_output_for(options, rows, rng.choice([1.0, -0.5, 2.0]), seed=seed)
