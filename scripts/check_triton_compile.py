@@ -202,13 +202,14 @@ def check_compensated_sum(archs) -> list:
     failures = []
     for arch, (name, dtype) in itertools.product(archs, (("bf16", torch.bfloat16), ("fp16", torch.float16))):
         mantissa_bits, min_field = compensated_spec.HIGH_DTYPES[dtype]
-        block_c, block_f, block_r, num_warps, num_stages = compensated._TILES[9 if arch >= 90 else 8]
+        block_c, block_f, block_r, num_warps, num_stages, max_registers = compensated._TILES[9 if arch >= 90 else 8]
         gemm = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "grad_logits_ptr": f"*{name}", "input_ptr": f"*{name}",
                  "n_classes": "i32", "n_features": "i32", "n_rows": "i32", "grad_logits_row_stride": "i32",
                  "input_row_stride": "i32"},
                 {"MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field, "BLOCK_C": block_c,
                  "BLOCK_F": block_f, "BLOCK_R": block_r, "GROUP_C": compensated._GROUP_C, "DOT_IN_FLOAT32": False},
-                {"num_warps": num_warps, "num_stages": num_stages}, "wgmma.mma_async" if arch >= 90 else "mma.sync")
+                dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {})),
+                "wgmma.mma_async" if arch >= 90 else "mma.sync")
         finish = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "scale_ptr": "*fp32", "n_elements": "i64"},
                   {"HAS_SCALE": True, "MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field,
                    "BLOCK": compensated._FINISH_BLOCK}, {"num_warps": 4}, "ld.global.v4.b32")

@@ -125,3 +125,17 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     with pytest.raises(RuntimeError):
         bench._captured(lambda: x.sum().item(), device)
     assert torch.cuda.current_stream(device) == before
+
+
+def test_compensated_gemm_benchmark_runs(tmp_path):
+    """benchmarks/compensated_gemm.py (a gpu_session.sh step) end to end at a tiny shape on CPU: the compensated
+    GEMM and cuBLAS-into-bf16 rows are timed, the float32 one is an error row (no mixed-precision GEMM on CPU)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compensated_gemm.py"
+    environment = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(script.parent.parent))
+    done = subprocess.run([sys.executable, str(script), "--classes", "70", "--features", "45", "--rows", "37",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "compensated_gemm.json").read_text())["variants"]}
+    assert rows["compensated 32x32x16 w1 s1 rNone"]["ms"] > 0 and rows["cuBLAS into bf16"]["ms"] > 0
+    assert "error" in rows["cuBLAS into float32"]
+    assert "| compensated 32x32x16 w1 s1 rNone |" in done.stdout

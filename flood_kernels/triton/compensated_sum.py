@@ -22,13 +22,14 @@ from torch import Tensor
 from .. import compensated_sum as spec
 from .cross_entropy import _on_device
 
-# (BLOCK_C, BLOCK_F, BLOCK_R, warps, stages) by compute capability, chosen by compiling (not yet by timing: no
-# GPU run so far): the largest tiles whose epilogue (the product, the pair and their offsets live together) does
-# not spill, 174 registers on sm_90 and 185 on sm_80 (scripts/check_triton_compile.py); 128 x 256 tiles, or 4
-# warps, spill. The interpreter (CPU) takes small tiles so that small test shapes span several tiles and row
-# blocks.
-_TILES = {9: (128, 128, 64, 8, 3), 8: (128, 128, 32, 8, 3)}
-_INTERPRETER_TILES = (32, 32, 16, 1, 1)
+# (BLOCK_C, BLOCK_F, BLOCK_R, warps, stages, register cap) by compute capability, chosen by compiling (not yet by
+# timing: no GPU run so far; scripts/check_triton_compile.py). On sm_90 the epilogue in two halves fits 128
+# registers without spilling (triton 3.6 and 3.9), so two blocks share an SM and one's epilogue, memory-bound,
+# overlaps the other's GEMM; 128 x 256 tiles, or 4 warps, need more than 128 (some spill). On sm_80 a 128 cap
+# spills: 154-175 registers, one block per SM. The interpreter (CPU) takes small tiles so that small test shapes
+# span several tiles and row blocks.
+_TILES = {9: (128, 128, 64, 8, 3, 128), 8: (128, 128, 32, 8, 3, None)}
+_INTERPRETER_TILES = (32, 32, 16, 1, 1, None)
 _GROUP_C = 8
 _FINISH_BLOCK = 2048
 
@@ -91,9 +92,24 @@ def _accumulate_kernel(
     # The tile's first element in int64 once, offsets within the tile in int32 (BLOCK_C * n_features < 2**31):
     # per-element int64 offsets would take two registers each.
     tile_start = (class_tile * BLOCK_C).to(tl.int64) * n_features + feature_tile * BLOCK_F
-    offsets = tl.arange(0, BLOCK_C)[:, None] * n_features + tl.arange(0, BLOCK_F)[None, :]
     high_ptr += tile_start
     low_ptr += tile_start
+    # The two halves of the tile's columns one after the other: half of the pair's registers live at a time (on
+    # sm_90 128 registers instead of 174, so two blocks fit an SM and one's epilogue overlaps the other's GEMM).
+    left, right = tl.split(tl.permute(tl.reshape(product, (BLOCK_C, 2, BLOCK_F // 2)), (0, 2, 1)))
+    half_features = feature_tile * BLOCK_F + tl.arange(0, BLOCK_F // 2)
+    _update_pair(high_ptr, low_ptr, left, classes, half_features, 0, n_classes, n_features,
+                 MANTISSA_BITS, MIN_UNIT_FIELD, BLOCK_C, BLOCK_F // 2)
+    _update_pair(high_ptr, low_ptr, right, classes, half_features + BLOCK_F // 2, BLOCK_F // 2, n_classes,
+                 n_features, MANTISSA_BITS, MIN_UNIT_FIELD, BLOCK_C, BLOCK_F // 2)
+
+
+@triton.jit
+def _update_pair(high_ptr, low_ptr, product, classes, features, first_column, n_classes, n_features,
+                 MANTISSA_BITS: tl.constexpr, MIN_UNIT_FIELD: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """``(high, low) += product`` over ROWS x COLUMNS of the tile from its column ``first_column`` (pointers at the
+    tile's first element); ``features`` the columns' indices in grad_W."""
+    offsets = tl.arange(0, ROWS)[:, None] * n_features + first_column + tl.arange(0, COLUMNS)[None, :]
     inside = (classes[:, None] < n_classes) & (features[None, :] < n_features)
     high = tl.load(high_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     low = tl.load(low_ptr + offsets, mask=inside, other=0).to(tl.float32)
@@ -121,7 +137,7 @@ def _finish_kernel(high_ptr, low_ptr, scale_ptr, n_elements, HAS_SCALE: tl.const
     tl.store(high_ptr + offsets, _round_to(total, MANTISSA_BITS, high_ptr.dtype.element_ty), mask=inside)
 
 
-def _tiles(device: torch.device) -> Tuple[int, int, int, int, int]:
+def _tiles(device: torch.device) -> Tuple[int, int, int, int, int, Optional[int]]:
     if device.type != "cuda":
         return _INTERPRETER_TILES
     major, _ = torch.cuda.get_device_capability(device)
@@ -137,9 +153,11 @@ def _check_pair(high: Tensor, low: Tensor) -> None:
         raise ValueError("high and low must be contiguous")
 
 
-def accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> None:
+def accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor,
+                tiles: Optional[Tuple[int, int, int, int, int, Optional[int]]] = None) -> None:
     """``(high, low) += grad_logits.T @ h``: high / low ``(V, D)`` contiguous, grad_logits ``(C, V)`` and h
-    ``(C, D)`` in high's dtype with unit stride along V and D."""
+    ``(C, D)`` in high's dtype with unit stride along V and D. ``tiles`` (BLOCK_C, BLOCK_F, BLOCK_R, warps,
+    stages, register cap) replaces the device's (benchmarks/compensated_gemm.py compares them)."""
     _check_pair(high, low)
     (n_classes, n_features), n_rows = high.shape, h.shape[0]
     if grad_logits.shape != (n_rows, n_classes) or h.shape != (n_rows, n_features):
@@ -151,7 +169,8 @@ def accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> No
         return
     grad_logits = grad_logits if grad_logits.stride(1) == 1 else grad_logits.contiguous()
     h = h if h.stride(1) == 1 else h.contiguous()
-    block_c, block_f, block_r, num_warps, num_stages = _tiles(high.device)
+    block_c, block_f, block_r, num_warps, num_stages, max_registers = tiles or _tiles(high.device)
+    register_cap = {} if max_registers is None else {"maxnreg": max_registers}
     mantissa_bits, min_field = spec.HIGH_DTYPES[high.dtype]
     grid = (triton.cdiv(n_classes, block_c) * triton.cdiv(n_features, block_f),)
     with _on_device(high):
@@ -161,7 +180,7 @@ def accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> No
             MANTISSA_BITS=mantissa_bits, MIN_UNIT_FIELD=min_field,
             BLOCK_C=block_c, BLOCK_F=block_f, BLOCK_R=block_r, GROUP_C=_GROUP_C,
             DOT_IN_FLOAT32=not high.is_cuda,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **register_cap,
         )
 
 
