@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import compensated_sum
 from ._inputs import loss_dtype
 
 # flood_mode of the fused ops (csrc/flood_ce.h FloodMode).
@@ -246,5 +247,41 @@ def _load_extension_ops() -> Optional[KernelOps]:
     )
 
 
+def _define_compensated_sum_ops() -> bool:
+    """The fused linear loss's compensated grad_W sum (:mod:`flood_kernels.compensated_sum`) as two mutating ops,
+    opaque to torch.compile: the PyTorch spec on any device, the fused Triton GEMM of
+    :mod:`flood_kernels.triton.compensated_sum` for CUDA tensors. Returns whether that CUDA kernel exists::
+
+        compensated_accumulate_(high!, low!, grad_logits, h) -> ()   # (high, low) += grad_logits.T @ h
+        compensated_finish_(high!, low, scale?) -> ()                # high = (high + low * s) * scale
+    """
+
+    @torch.library.custom_op("flood_kernels::compensated_accumulate_", mutates_args=("high", "low"))
+    def compensated_accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> None:
+        compensated_sum.accumulate_(high, low, grad_logits, h)
+
+    @torch.library.custom_op("flood_kernels::compensated_finish_", mutates_args=("high",))
+    def compensated_finish_(high: Tensor, low: Tensor, scale: Optional[Tensor]) -> None:
+        compensated_sum.finish_(high, low, scale)
+
+    torch.library.register_fake("flood_kernels::compensated_accumulate_", _fake_returns_nothing)
+    torch.library.register_fake("flood_kernels::compensated_finish_", _fake_returns_nothing)
+    try:
+        from .triton import compensated_sum as triton_compensated_sum
+    except ImportError:
+        return False
+
+    @compensated_accumulate_.register_kernel("cuda")
+    def _(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> None:
+        triton_compensated_sum.accumulate_(high, low, grad_logits, h)
+
+    @compensated_finish_.register_kernel("cuda")
+    def _(high: Tensor, low: Tensor, scale: Optional[Tensor]) -> None:
+        triton_compensated_sum.finish_(high, low, scale)
+
+    return True
+
+
 TRITON_OPS: Optional[KernelOps] = _define_triton_ops()
 EXTENSION_OPS: Optional[KernelOps] = _load_extension_ops()
+COMPENSATED_SUM_ON_CUDA: bool = _define_compensated_sum_ops()

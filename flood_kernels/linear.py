@@ -30,9 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import backends
+from . import _ops, backends, compensated_sum
 from ._distributed import SharesProcessGroup, check_process_group
-from . import compensated_sum
 from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
 from .functional import flood_row_losses, row_losses
 
@@ -145,16 +144,10 @@ def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtyp
     return torch.mul(buffer, scale, out=out)
 
 
-def _compensated_ops(device: torch.device) -> Any:
-    """The compensated sum's add / finish for a device: the fused Triton GEMM on CUDA, PyTorch elsewhere."""
-    if device.type != "cuda":
-        return compensated_sum
-    try:
-        from .triton import compensated_sum as triton_compensated_sum
-    except ImportError as error:
+def _check_compensated_sum_available(device: torch.device) -> None:
+    if device.type == "cuda" and not _ops.COMPENSATED_SUM_ON_CUDA:
         raise RuntimeError('grad_weight_accumulator="compensated" needs Triton on CUDA (pip install triton); '
-                           'use "float32" or "weight_dtype" without it') from error
-    return triton_compensated_sum
+                           'use "float32" or "weight_dtype" without it')
 
 
 class _Gradients:
@@ -171,9 +164,9 @@ class _Gradients:
             return param.dtype if accumulator == "weight_dtype" else torch.promote_types(param.dtype, torch.float32)
 
         self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-        self.weight = self.weight_low = self.compensated = None
+        self.weight = self.weight_low = None
         if needs[1] and accumulator == "compensated" and compensated_sum.uses_low_part(linear_weight.dtype):
-            self.compensated = _compensated_ops(linear_weight.device)
+            _check_compensated_sum_available(linear_weight.device)
             self.weight = zeros(linear_weight, linear_weight.dtype)
             self.weight_low = zeros(linear_weight, torch.int8)
         elif needs[1]:
@@ -184,8 +177,8 @@ class _Gradients:
         if self.input is not None:
             torch.mm(grad_logits, linear_weight, out=self.input[rows])
         if self.weight is not None:
-            if self.compensated is not None:
-                self.compensated.accumulate_(self.weight, self.weight_low, grad_logits, h)
+            if self.weight_low is not None:
+                torch.ops.flood_kernels.compensated_accumulate_(self.weight, self.weight_low, grad_logits, h)
             elif self.weight.dtype == grad_logits.dtype:
                 self.weight.addmm_(grad_logits.t(), h)
             elif grad_logits.is_cuda:  # cuBLAS reads and writes the float32 accumulator: no temporary
@@ -199,8 +192,11 @@ class _Gradients:
     def scaled(self, scale: Optional[Tensor], dtypes: Tuple[Optional[torch.dtype], ...]) -> Tuple[Optional[Tensor], ...]:
         """The gradients of (input, weight, bias) times ``scale`` (None: 1), in ``dtypes``; buffers reused in place
         where they have the dtype."""
-        weight = (self.compensated.finish_(self.weight, self.weight_low, scale) if self.compensated is not None
-                  else _scaled(self.weight, scale, dtypes[1]))
+        if self.weight_low is not None:
+            torch.ops.flood_kernels.compensated_finish_(self.weight, self.weight_low, scale)
+            weight = self.weight
+        else:
+            weight = _scaled(self.weight, scale, dtypes[1])
         return _scaled(self.input, scale, dtypes[0]), weight, _scaled(self.bias, scale, dtypes[2])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flood_kernels  # noqa: F401  (registers the ops)
 from flood_kernels import compensated_sum as spec
 from flood_kernels.triton import compensated_sum as fused
 
@@ -182,3 +183,15 @@ def test_fused_argument_errors(device):
         fused.accumulate_(high, low, grad_logits[:, :3], h)
     with pytest.raises(TypeError, match="must be high's dtype"):
         fused.accumulate_(high, low, grad_logits.half(), h)
+
+
+@pytest.mark.parametrize("device", FUSED_DEVICES)
+def test_ops_pass_opcheck(device):
+    """The two mutating torch.library ops the fused linear loss calls (schemas, fakes, no undeclared mutation)."""
+    seed = random_seeds(1)[0]
+    (grad_logits, h), = integer_chunks(1, 9, 7, 5, torch.bfloat16, seed, device)
+    high, low = pair((7, 5), torch.bfloat16, device)
+    torch.library.opcheck(torch.ops.flood_kernels.compensated_accumulate_, (high, low, grad_logits, h))
+    torch.library.opcheck(torch.ops.flood_kernels.compensated_finish_,
+                          (high, low, torch.tensor([0.5], device=device)))
+    torch.library.opcheck(torch.ops.flood_kernels.compensated_finish_, (high, low, None))

@@ -286,6 +286,26 @@ def test_torch_compile_fullgraph(backend, case):
         torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device, backend", [pytest.param("cpu", name, id=f"cpu-{name}") for name in CPU_BACKENDS
+                                             if name != "reference"]
+                         + [pytest.param("cuda", "triton", id="cuda-triton", marks=[requires_cuda, pytest.mark.gpu])])
+def test_torch_compile_fullgraph_compensated(device, backend):
+    """bfloat16 with the compensated grad_W: its two ops trace without graph breaks, and the compiled step gives
+    the eager step's bits."""
+    torch._dynamo.reset()
+    h, w, b, y = (t.to(device) for t in make_inputs(dtype=torch.bfloat16))
+    h, w, b = (t.detach().requires_grad_() for t in (h, w, b))
+    settings = {"linear_bias": b, "backend": backend, "chunk_size": 4, "grad_weight_accumulator": "compensated",
+                "flood_level": 50.0}
+    compiled = torch.compile(linear_flooded_cross_entropy, fullgraph=True, backend="aot_eager")
+    results = [(loss, torch.autograd.grad(loss, (h, w, b))) for loss in (fn(h, w, y, **settings) for fn in
+                                                                          (linear_flooded_cross_entropy, compiled))]
+    (eager_loss, eager_grads), (loss, grads) = results
+    assert torch.equal(loss, eager_loss)
+    for grad, expected in zip(grads, eager_grads):
+        assert torch.equal(grad, expected)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("case", ["batch", "iflood-none"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
