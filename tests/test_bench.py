@@ -135,7 +135,8 @@ def test_compensated_gemm_benchmark_runs(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--classes", "70", "--features", "45", "--rows", "37",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = {row["variant"]: row for row in json.loads((tmp_path / "compensated_gemm.json").read_text())["variants"]}
-    assert rows["compensated 32x32x16 w1 s1 rNone"]["ms"] > 0 and rows["cuBLAS into bf16"]["ms"] > 0
-    assert "error" in rows["cuBLAS into float32"]
-    assert "| compensated 32x32x16 w1 s1 rNone |" in done.stdout
+    rows = {(row["variant"], row["rows"]): row
+            for row in json.loads((tmp_path / "compensated_gemm.json").read_text())["variants"]}
+    assert rows[("compensated 32x32x16 w1 s1 rNone", 37)]["ms"] > 0 and rows[("cuBLAS into bf16", 37)]["ms"] > 0
+    assert "error" in rows[("cuBLAS into float32", 37)]
+    assert "| compensated 32x32x16 w1 s1 rNone | 37 |" in done.stdout
