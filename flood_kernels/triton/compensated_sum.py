@@ -26,7 +26,7 @@ from .cross_entropy import _on_device
 # timing: no GPU run so far; scripts/check_triton_compile.py). On sm_90 the epilogue in two halves fits 128
 # registers without spilling (triton 3.6 and 3.9), so two blocks share an SM and one's epilogue, memory-bound,
 # overlaps the other's GEMM; 128 x 256 tiles, or 4 warps, need more than 128 (some spill). On sm_80 a 128 cap
-# spills: 154-175 registers, one block per SM. The interpreter (CPU) takes small tiles so that small test shapes
+# spills: 154-180 registers, one block per SM. The interpreter (CPU) takes small tiles so that small test shapes
 # span several tiles and row blocks.
 _TILES = {9: (128, 128, 64, 8, 3, 128), 8: (128, 128, 32, 8, 3, None)}
 _INTERPRETER_TILES = (32, 32, 16, 1, 1, None)
@@ -75,6 +75,8 @@ def _accumulate_kernel(
     features = feature_tile * BLOCK_F + tl.arange(0, BLOCK_F)
     rows = tl.arange(0, BLOCK_R)
     # Edge tiles read wrapped (valid) columns instead of masking them: their results are never stored.
+    g_step = grad_logits_row_stride.to(tl.int64) * BLOCK_R  # 64-bit: rows of any stride
+    x_step = input_row_stride.to(tl.int64) * BLOCK_R
     g_ptrs = (grad_logits_ptr + rows[None, :].to(tl.int64) * grad_logits_row_stride
               + (classes % n_classes)[:, None])
     x_ptrs = input_ptr + rows[:, None].to(tl.int64) * input_row_stride + (features % n_features)[None, :]
@@ -86,8 +88,8 @@ def _accumulate_kernel(
         if DOT_IN_FLOAT32:  # Triton's interpreter multiplies bfloat16 operands as their raw bits
             g, x = g.to(tl.float32), x.to(tl.float32)
         product = tl.dot(g, x, product)
-        g_ptrs += BLOCK_R * grad_logits_row_stride
-        x_ptrs += BLOCK_R * input_row_stride
+        g_ptrs += g_step
+        x_ptrs += x_step
 
     # The tile's first element in int64 once, offsets within the tile in int32 (BLOCK_C * n_features < 2**31):
     # per-element int64 offsets would take two registers each.
