@@ -140,3 +140,19 @@ def test_compensated_gemm_benchmark_runs(tmp_path):
     assert rows[("compensated 32x32x16 w1 s1 rNone", 37)]["ms"] > 0 and rows[("cuBLAS into bf16", 37)]["ms"] > 0
     assert "error" in rows[("cuBLAS into float32", 37)]
     assert "| compensated 32x32x16 w1 s1 rNone | 37 |" in done.stdout
+
+
+def test_grad_weight_accuracy_benchmark_runs(tmp_path):
+    """benchmarks/grad_weight_accuracy.py end to end at a tiny shape: every accumulator, every chunk count, and
+    the compensated sum as accurate as float32's while the bf16 one is not."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "grad_weight_accuracy.py"
+    environment = dict(os.environ, PYTHONPATH=str(script.parent.parent))
+    done = subprocess.run([sys.executable, str(script), "--rows", "512", "--features", "16", "--classes", "64",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "grad_weight_accuracy.json").read_text())["results"]
+    assert [row["chunks"] for row in results] == [8, 32, 128]
+    for row in results:
+        errors = row["relative_error"]
+        assert errors["compensated"] <= 1.05 * errors["float32"] < errors["weight_dtype"], row
+    assert "| 128 |" in done.stdout
