@@ -57,8 +57,8 @@ def _free_bytes_for_chunks(h: Tensor, linear_weight: Tensor, accumulator: str) -
         return None
     free, _ = torch.cuda.mem_get_info(h.device)
     cached = torch.cuda.memory_reserved(h.device) - torch.cuda.memory_allocated(h.device)
-    weight_bytes = {"float32": max(4, linear_weight.element_size()), "weight_dtype": linear_weight.element_size(),
-                    "compensated": linear_weight.element_size() + 1}[accumulator]
+    dtype = linear_weight.dtype
+    weight_bytes = _sum_dtype(accumulator, dtype).itemsize + _uses_low_part(accumulator, dtype)  # + the int8 part
     buffers = linear_weight.numel() * weight_bytes + linear_weight.shape[0] * 4 + h.numel() * h.element_size()
     return free + cached - buffers
 
@@ -144,6 +144,18 @@ def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtyp
     return torch.mul(buffer, scale, out=out)
 
 
+def _uses_low_part(accumulator: str, dtype: torch.dtype) -> bool:
+    """Whether grad_W of a ``dtype`` weight is summed with the compensated sum's int8 low part."""
+    return accumulator == "compensated" and compensated_sum.uses_low_part(dtype)
+
+
+def _sum_dtype(accumulator: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient of a ``dtype`` parameter is summed in over the chunks (with the low part, if any)."""
+    if accumulator == "weight_dtype" or _uses_low_part(accumulator, dtype):
+        return dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _check_compensated_sum_available(device: torch.device) -> None:
     if device.type == "cuda" and not _ops.COMPENSATED_SUM_ON_CUDA:
         raise RuntimeError('grad_weight_accumulator="compensated" needs Triton on CUDA (pip install triton); '
@@ -160,18 +172,14 @@ class _Gradients:
         def zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
             return torch.zeros(param.shape, dtype=dtype, device=param.device)
 
-        def summed_dtype(param: Tensor) -> torch.dtype:
-            return param.dtype if accumulator == "weight_dtype" else torch.promote_types(param.dtype, torch.float32)
-
-        self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-        self.weight = self.weight_low = None
-        if needs[1] and accumulator == "compensated" and compensated_sum.uses_low_part(linear_weight.dtype):
+        low_part = needs[1] and _uses_low_part(accumulator, linear_weight.dtype)
+        if low_part:
             _check_compensated_sum_available(linear_weight.device)
-            self.weight = zeros(linear_weight, linear_weight.dtype)
-            self.weight_low = zeros(linear_weight, torch.int8)
-        elif needs[1]:
-            self.weight = zeros(linear_weight, summed_dtype(linear_weight))
-        self.bias = zeros(linear_bias, summed_dtype(linear_bias)) if needs[2] else None
+        bias_accumulator = "float32" if accumulator == "compensated" else accumulator  # V floats: no low part
+        self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
+        self.weight = zeros(linear_weight, _sum_dtype(accumulator, linear_weight.dtype)) if needs[1] else None
+        self.weight_low = zeros(linear_weight, torch.int8) if low_part else None
+        self.bias = zeros(linear_bias, _sum_dtype(bias_accumulator, linear_bias.dtype)) if needs[2] else None
 
     def add(self, rows: slice, grad_logits: Tensor, h: Tensor, linear_weight: Tensor) -> None:
         if self.input is not None:
@@ -189,7 +197,8 @@ class _Gradients:
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 
-    def scaled(self, scale: Optional[Tensor], dtypes: Tuple[Optional[torch.dtype], ...]) -> Tuple[Optional[Tensor], ...]:
+    def scaled(self, scale: Optional[Tensor],
+               dtypes: Tuple[Optional[torch.dtype], ...]) -> Tuple[Optional[Tensor], ...]:
         """The gradients of (input, weight, bias) times ``scale`` (None: 1), in ``dtypes``; buffers reused in place
         where they have the dtype."""
         if self.weight_low is not None:
