@@ -106,6 +106,16 @@ def v_and_largest_resident_v(dtype: str, switches: dict):
     return (V, ce._resident_classes(dtype, softcap)) + ((unaligned,) if unaligned > 0 else ())
 
 
+def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, options: dict, aligned=()):
+    """Compile ``kernel`` for sm_``arch``: ``signature`` (argument -> type), its ``constexprs`` and the launch
+    ``options``, the ``aligned`` arguments specialized as multiples of 16 (as a launch with such values would)."""
+    names = list(signature) + list(constexprs)
+    src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
+                    constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                    attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def compile_variant(kernel, signature, switches, dtype: str, arch: int, config, v: int = V):
     """Compile one variant as a launch at ``v`` classes (elements, for scale_grad) with ``config``'s launch
     configuration would specialize it; returns the compiled kernel."""
@@ -113,18 +123,10 @@ def compile_variant(kernel, signature, switches, dtype: str, arch: int, config, 
     block_name = "BLOCK_V" if "BLOCK_V" in kernel.arg_names else "BLOCK"
     constexprs = dict(switches, ACC_DTYPE=tl.float64 if dtype == "fp64" else tl.float32, **{block_name: block},
                       **launch_constexprs)
-    names = list(signature) + list(constexprs)
-    full_signature = dict(signature, **{name: "constexpr" for name in constexprs})
     sizes = ("n_classes", "n_elements")
     aligned = [name for name, kind in signature.items()
                if kind.startswith("*") or (v % 16 == 0 and (name.endswith("row_stride") or name in sizes))]
-    src = ASTSource(
-        fn=kernel,
-        signature=full_signature,
-        constexprs={(names.index(name),): value for name, value in constexprs.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-    )
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return compile_kernel(kernel, signature, constexprs, arch, {"num_warps": num_warps}, aligned)
 
 
 def resource_usage(compiled) -> dict:
@@ -179,12 +181,9 @@ def check_epilogue(archs) -> list:
                          "level_ptr": f"*{acc}", "level_stride": "i32", "n_rows": "i32", "n_classes": "i32",
                          "ignore_index": "i32"}
             constexprs = {"FLOOD_MODE": mode, "MEAN": mean, "HAS_WEIGHT": has_weight, "BLOCK": block}
-            names = list(signature) + list(constexprs)
-            src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
-                            constexprs={(names.index(n),): value for n, value in constexprs.items()})
             label = f"epilogue {acc} sm_{arch} mode={mode} mean={mean} weight={has_weight} block={block}"
             try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                compiled = compile_kernel(kernel, signature, constexprs, arch, {"num_warps": num_warps})
             except Exception as error:  # any compiler error is the finding
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
@@ -202,29 +201,25 @@ def check_compensated_sum(archs) -> list:
     failures = []
     for arch, (name, dtype) in itertools.product(archs, (("bf16", torch.bfloat16), ("fp16", torch.float16))):
         mantissa_bits, min_field = compensated_spec.HIGH_DTYPES[dtype]
-        block_c, block_f, block_r, num_warps, num_stages, max_registers = compensated._TILES[9 if arch >= 90 else 8]
+        block_c, block_f, block_r, num_warps, num_stages, registers = compensated._TILES[9 if arch >= 90 else 8]
         gemm = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "grad_logits_ptr": f"*{name}", "input_ptr": f"*{name}",
                  "n_classes": "i32", "n_features": "i32", "n_rows": "i32", "grad_logits_row_stride": "i32",
                  "input_row_stride": "i32"},
                 {"MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field, "BLOCK_C": block_c,
                  "BLOCK_F": block_f, "BLOCK_R": block_r, "GROUP_C": compensated._GROUP_C, "DOT_IN_FLOAT32": False},
-                dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {})),
+                dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": registers} if registers else {})),
                 "wgmma.mma_async" if arch >= 90 else "mma.sync")
         finish = ({"high_ptr": f"*{name}", "low_ptr": "*i8", "scale_ptr": "*fp32", "n_elements": "i64"},
                   {"HAS_SCALE": True, "MANTISSA_BITS": mantissa_bits, "MIN_UNIT_FIELD": min_field,
                    "BLOCK": compensated._FINISH_BLOCK}, {"num_warps": 4}, "ld.global.v4.b32")
         for kernel, (signature, constexprs, options, needed) in ((compensated._accumulate_kernel, gemm),
                                                                  (compensated._finish_kernel, finish)):
-            names = list(signature) + list(constexprs)
             aligned = [n for n, kind in signature.items() if kind.startswith("*") or n in
                        ("n_classes", "n_features", "grad_logits_row_stride", "input_row_stride", "n_elements")]
-            src = ASTSource(fn=kernel, signature=dict(signature, **dict.fromkeys(constexprs, "constexpr")),
-                            constexprs={(names.index(n),): value for n, value in constexprs.items()},
-                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
             label = f"compensated {kernel.fn.__name__} {name} sm_{arch}"
             start = time.perf_counter()
             try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                compiled = compile_kernel(kernel, signature, constexprs, arch, options, aligned)
             except Exception as error:  # any compiler error is the finding
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
