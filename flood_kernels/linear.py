@@ -19,12 +19,17 @@ row factor known in forward, ``f_i = [y_i != ignore_index]`` (batch flooding, no
 device from a row with ``f_i != 0``: no host synchronization, no ``N x V`` work after forward. With
 ``reduction="none"`` the row scales are the caller's ``grad_output_i``, unknown in forward, so forward only
 computes the losses and backward recomputes each chunk's logits (four matmuls in all instead of three).
+
+The two chunked passes are the ops ``flood_kernels::linear_chunked_forward`` / ``linear_chunked_backward``, so
+torch.compile sees one op per pass (see :func:`_define_chunked_op`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Tuple, Union
+import functools
+import inspect
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -165,10 +170,16 @@ def _check_compensated_sum_available(device: torch.device) -> None:
 class _Gradients:
     """Gradient buffers filled chunk by chunk: grad_input rows in the input's dtype (each row is one matmul);
     grad_W and grad_b sums as ``accumulator`` says (module docstring): float32 (for grad_b also under
-    "compensated"), the weight's dtype, or for grad_W of a 16-bit weight the compensated (high, int8 low) pair."""
+    "compensated"), the weight's dtype, or for grad_W of a 16-bit weight the compensated (high, int8 low) pair.
+    None where a gradient is not needed (and ``weight_low`` without the pair)."""
 
-    def __init__(self, h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], needs: Tuple[bool, ...],
-                 accumulator: str) -> None:
+    def __init__(self, input: Optional[Tensor], weight: Optional[Tensor], weight_low: Optional[Tensor],
+                 bias: Optional[Tensor]) -> None:
+        self.input, self.weight, self.weight_low, self.bias = input, weight, weight_low, bias
+
+    @classmethod
+    def allocate(cls, h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], needs: Sequence[bool],
+                 accumulator: str) -> "_Gradients":
         def zeros(param: Tensor, dtype: torch.dtype) -> Tensor:
             return torch.zeros(param.shape, dtype=dtype, device=param.device)
 
@@ -176,10 +187,23 @@ class _Gradients:
         if low_part:
             _check_compensated_sum_available(linear_weight.device)
         bias_accumulator = "float32" if accumulator == "compensated" else accumulator  # V floats: no low part
-        self.input = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-        self.weight = zeros(linear_weight, _sum_dtype(accumulator, linear_weight.dtype)) if needs[1] else None
-        self.weight_low = zeros(linear_weight, torch.int8) if low_part else None
-        self.bias = zeros(linear_bias, _sum_dtype(bias_accumulator, linear_bias.dtype)) if needs[2] else None
+        return cls(torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None,
+                   zeros(linear_weight, _sum_dtype(accumulator, linear_weight.dtype)) if needs[1] else None,
+                   zeros(linear_weight, torch.int8) if low_part else None,
+                   zeros(linear_bias, _sum_dtype(bias_accumulator, linear_bias.dtype)) if needs[2] else None)
+
+    def outputs(self, like: Tensor) -> Tuple[Tensor, ...]:
+        """The four buffers as an op returns them: an absent one as an empty tensor (an op returns no None)."""
+        return tuple(like.new_empty(0) if buffer is None else buffer
+                     for buffer in (self.input, self.weight, self.weight_low, self.bias))
+
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[Tensor], needs: Sequence[bool], accumulator: str,
+                     weight_dtype: torch.dtype) -> "_Gradients":
+        """The inverse of :meth:`outputs`: which buffers exist follows from ``needs``, not from their sizes (a
+        needed grad_input of zero rows is empty too)."""
+        present = (needs[0], needs[1], needs[1] and _uses_low_part(accumulator, weight_dtype), needs[2])
+        return cls(*(buffer if keep else None for buffer, keep in zip(outputs, present)))
 
     def add(self, rows: slice, grad_logits: Tensor, h: Tensor, linear_weight: Tensor) -> None:
         if self.input is not None:
@@ -209,51 +233,166 @@ class _Gradients:
         return _scaled(self.input, scale, dtypes[0]), weight, _scaled(self.bias, scale, dtypes[2])
 
 
+def _keeps_lse(reduction: str, needs: Sequence[bool], backend: str) -> bool:
+    """Whether forward keeps each row's log-sum-exp for backward: reduction="none" recomputes the chunks' logits
+    there, and the kernel backends then skip the softmax's reductions."""
+    return reduction == "none" and any(needs) and backend != "reference"
+
+
+def _computes_gradients_in_forward(reduction: str, needs: Sequence[bool]) -> bool:
+    """The fused path of the module docstring: every reduction but "none", when any gradient is needed."""
+    return any(needs) and reduction != "none"
+
+
+def _forward_buffers(h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], reduction: str, backend: str,
+                     accumulator: str, needs: Sequence[bool]) -> Tuple[Tensor, Tensor, Tensor, _Gradients]:
+    """What forward's pass fills (also its fake outputs): the losses, each row's lse where :func:`_keeps_lse`, the
+    row factors and gradient sums on the fused path; an absent tensor is empty."""
+    fused = _computes_gradients_in_forward(reduction, needs)
+    rows = h.shape[0]
+    losses = torch.empty(rows, dtype=loss_dtype(h.dtype), device=h.device)
+    lse = losses.new_empty((rows, 2) if _keeps_lse(reduction, needs, backend) else (0,))
+    factor = torch.empty_like(losses) if fused else losses.new_empty(0)
+    grads = _Gradients.allocate(h, linear_weight, linear_bias, needs if fused else (False,) * 3, accumulator)
+    return losses, lse, factor, grads
+
+
+def _chunked_forward(
+    h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+    level: Tensor, flood: Optional[str], ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    softcap: Optional[float], reverse_ce: float, reverse_ce_log_zero: float, backend: str, chunk_size: int,
+    accumulator: str, needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward's pass: (losses, lse, factor, grad_input, grad_W, grad_W's low part, grad_b), each absent one
+    empty. The gradients are those of ``sum_i f_i l_i`` on the fused path (module docstring)."""
+    options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                          reverse_ce_log_zero)
+    losses, lse, factor, grads = _forward_buffers(h, linear_weight, linear_bias, reduction, backend, accumulator,
+                                                  needs)
+    fused, keep_lse, rows = _computes_gradients_in_forward(reduction, needs), lse.dim() == 2, h.shape[0]
+    for start in range(0, rows, chunk_size):
+        chunk = slice(start, min(start + chunk_size, rows))
+        h_chunk, target_chunk = h[chunk], target[chunk]
+        logits = _chunk_logits(h_chunk, linear_weight, linear_bias)
+        losses[chunk], lse_chunk = _chunk_losses(logits, target_chunk, weight, options, backend)
+        if keep_lse:
+            lse[chunk] = lse_chunk
+        if fused:
+            level_chunk = level if level.dim() == 0 else level[chunk]
+            factor[chunk] = _row_factor(losses[chunk], target_chunk, level_chunk, options)
+            grads.add(chunk, _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend),
+                      h_chunk, linear_weight)
+        del logits  # before the next chunk's logits exist: one chunk of logits alive at a time, not two
+    return (losses, lse, factor) + grads.outputs(losses)
+
+
+def _fake_chunked_forward(h, linear_weight, linear_bias, target, weight, level, flood, ignore_index, reduction,
+                          *floats_and_settings):
+    *_, backend, chunk_size, accumulator, needs = floats_and_settings
+    losses, lse, factor, grads = _forward_buffers(h, linear_weight, linear_bias, reduction, backend, accumulator,
+                                                  needs)
+    return (losses, lse, factor) + grads.outputs(losses)
+
+
+def _chunked_backward(
+    h: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+    lse: Optional[Tensor], grad_losses: Tensor, flood: Optional[str], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: Optional[float], reverse_ce: float, reverse_ce_log_zero: float,
+    backend: str, chunk_size: int, accumulator: str, needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The second chunked pass of ``reduction="none"``: logits again, the kernel applies ``grad_losses`` per row;
+    (grad_input, grad_W, grad_W's low part, grad_b) as the sums, each absent one empty."""
+    options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
+                          reverse_ce_log_zero)
+    scale = grad_losses.to(loss_dtype(h.dtype)).contiguous()
+    grads = _Gradients.allocate(h, linear_weight, linear_bias, needs, accumulator)
+    for start in range(0, h.shape[0], chunk_size):
+        chunk = slice(start, min(start + chunk_size, h.shape[0]))
+        logits = _chunk_logits(h[chunk], linear_weight, linear_bias)
+        lse_chunk = None if lse is None else lse[chunk]
+        grads.add(chunk, _chunk_grad_(logits, target[chunk], weight, lse_chunk, scale[chunk], options, backend),
+                  h[chunk], linear_weight)
+        del logits  # one chunk of logits alive at a time
+    return grads.outputs(scale)
+
+
+def _fake_chunked_backward(h, linear_weight, linear_bias, target, weight, lse, grad_losses, *options_and_settings):
+    *_, accumulator, needs = options_and_settings
+    return _Gradients.allocate(h, linear_weight, linear_bias, needs, accumulator).outputs(grad_losses)
+
+
+def _define_chunked_op(name: str, impl: Callable, fake: Callable) -> None:
+    """``impl`` as the op ``flood_kernels::name`` (its schema from the annotations), for the kernel backends.
+
+    Why ops: torch.compile then sees one op per pass, so nothing in the graph depends on the number of rows
+    (dynamic shapes compile once), no chunk loop is unrolled into it, and one chunk of logits is alive at a time
+    whatever the compiler schedules. The reference backend calls ``impl`` directly: its chunk gradients are
+    autograd's, which does not record inside an op. Arguments: the tensors, the LossOptions fields in order, then
+    the backend, the chunk size, the grad_W accumulator and which of (input, weight, bias) need a gradient.
+    """
+    backend_position = list(inspect.signature(impl).parameters).index("backend")
+
+    @functools.wraps(impl)
+    def kernel_backends_only(*args: Any) -> Tuple[Tensor, ...]:
+        if args[backend_position] == "reference":
+            raise ValueError("backend='reference' runs the chunked passes outside the ops (autograd does not record "
+                             "inside an op); the ops take a kernel backend")
+        return impl(*args)
+
+    torch.library.custom_op(f"flood_kernels::{name}", kernel_backends_only, mutates_args=()).register_fake(fake)
+
+
+_define_chunked_op("linear_chunked_forward", _chunked_forward, _fake_chunked_forward)
+_define_chunked_op("linear_chunked_backward", _chunked_backward, _fake_chunked_backward)
+
+
+def _op_arguments(options: LossOptions, backend: str, chunk_size: int, accumulator: str,
+                  needs: Sequence[bool]) -> Tuple[Any, ...]:
+    """The trailing arguments of the two chunked ops: the LossOptions fields in their order, then the settings
+    (written out: torch 2.11's compiler does not trace dataclasses.astuple)."""
+    return (options.flood, options.ignore_index, options.reduction, options.label_smoothing, options.z_loss,
+            options.softcap, options.reverse_ce, options.reverse_ce_log_zero, backend, chunk_size, accumulator,
+            list(needs))
+
+
 class _LinearRowLosses(torch.autograd.Function):
     """Per-row losses of ``h @ W.T + b``; the gradients come from the chunked passes of the module docstring.
 
-    A plain autograd.Function rather than a custom op: the fused path hands gradient buffers from forward to
-    backward and scales them in place there, which saves a ``V x D`` copy a functional op would need.
+    The passes are the ops ``linear_chunked_forward`` / ``linear_chunked_backward``; this plain autograd.Function
+    around them hands the fused path's gradient buffers from forward to backward and scales them in place there,
+    which saves a ``V x D`` copy that a functional backward would need.
     """
 
     @staticmethod
     def forward(ctx, h, linear_weight, linear_bias, target, weight, level, options, backend, chunk_size,
                 grad_weight_accumulator, grad_enabled):
         needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
-        recompute = options.reduction == "none"
-        fused = any(needs) and not recompute
-        rows = h.shape[0]
-        losses = torch.empty(rows, dtype=loss_dtype(h.dtype), device=h.device)
-        lse = losses.new_empty(rows, 2) if recompute and any(needs) and backend != "reference" else None
-        grads = _Gradients(h, linear_weight, linear_bias, needs, grad_weight_accumulator) if fused else None
-        factor = torch.empty_like(losses) if fused else None
-        for start in range(0, rows, chunk_size):
-            chunk = slice(start, min(start + chunk_size, rows))
-            h_chunk, target_chunk = h[chunk], target[chunk]
-            logits = _chunk_logits(h_chunk, linear_weight, linear_bias)
-            losses[chunk], lse_chunk = _chunk_losses(logits, target_chunk, weight, options, backend)
-            if lse is not None:
-                lse[chunk] = lse_chunk
-            if fused:
-                level_chunk = level if level.dim() == 0 else level[chunk]
-                factor[chunk] = _row_factor(losses[chunk], target_chunk, level_chunk, options)
-                grads.add(chunk, _chunk_grad_(logits, target_chunk, weight, lse_chunk, factor[chunk], options, backend),
-                          h_chunk, linear_weight)
-            del logits  # before the next chunk's logits exist: one chunk of logits alive at a time, not two
-        ctx.settings = (options, backend, chunk_size, grad_weight_accumulator, needs)
+        arguments = _op_arguments(options, backend, chunk_size, grad_weight_accumulator, needs)
+        forward_pass = _chunked_forward if backend == "reference" else torch.ops.flood_kernels.linear_chunked_forward
+        losses, lse, factor, *buffers = forward_pass(h, linear_weight, linear_bias, target, weight, level, *arguments)
+        fused = _computes_gradients_in_forward(options.reduction, needs)
+        ctx.arguments, ctx.reduction, ctx.backend = arguments, options.reduction, backend
+        ctx.needs, ctx.accumulator = needs, grad_weight_accumulator
         ctx.dtypes = (h.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
-        ctx.grads, ctx.factor = grads, factor
-        if recompute and any(needs):
-            ctx.save_for_backward(h, linear_weight, linear_bias, target, weight, lse)
+        ctx.grads = _Gradients.from_outputs(buffers, needs, grad_weight_accumulator, linear_weight.dtype) \
+            if fused else None
+        ctx.factor = factor if fused else None
+        if options.reduction == "none" and any(needs):
+            ctx.save_for_backward(h, linear_weight, linear_bias, target, weight,
+                                  lse if _keeps_lse(options.reduction, needs, backend) else None)
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_losses):
-        options = ctx.settings[0]
         with _autocast_off(grad_losses.device):
-            if options.reduction == "none":
-                grads, scale = _recompute_gradients(ctx, grad_losses), None
+            if ctx.reduction == "none":
+                h, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
+                backward_pass = _chunked_backward if ctx.backend == "reference" else \
+                    torch.ops.flood_kernels.linear_chunked_backward
+                buffers = backward_pass(h, linear_weight, linear_bias, target, weight, lse, grad_losses, *ctx.arguments)
+                grads = _Gradients.from_outputs(buffers, ctx.needs, ctx.accumulator, linear_weight.dtype)
+                scale = None
             else:
                 if ctx.grads is None:
                     raise RuntimeError(
@@ -264,22 +403,6 @@ class _LinearRowLosses(torch.autograd.Function):
                 scale = _uniform_scale(grad_losses, ctx.factor)
             results = grads.scaled(scale, ctx.dtypes)
         return results + (None,) * 8
-
-
-def _recompute_gradients(ctx, grad_losses: Tensor) -> _Gradients:
-    """The second chunked pass of ``reduction="none"``: logits again, the kernel applies ``grad_losses`` per row."""
-    options, backend, chunk_size, grad_weight_accumulator, needs = ctx.settings
-    h, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-    scale = grad_losses.to(loss_dtype(h.dtype)).contiguous()
-    grads = _Gradients(h, linear_weight, linear_bias, needs, grad_weight_accumulator)
-    for start in range(0, h.shape[0], chunk_size):
-        chunk = slice(start, min(start + chunk_size, h.shape[0]))
-        logits = _chunk_logits(h[chunk], linear_weight, linear_bias)
-        lse_chunk = None if lse is None else lse[chunk]
-        grads.add(chunk, _chunk_grad_(logits, target[chunk], weight, lse_chunk, scale[chunk], options, backend),
-                  h[chunk], linear_weight)
-        del logits  # one chunk of logits alive at a time
-    return grads
 
 
 def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> None:

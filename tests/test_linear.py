@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.profiler import ProfilerActivity, profile
 
 import flood_kernels
 from flood_kernels import flooded_cross_entropy
 from flood_kernels import linear
+from flood_kernels._inputs import LossOptions
 from flood_kernels.linear import LinearFloodedCrossEntropyLoss, default_chunk_size, linear_flooded_cross_entropy
 
 from helpers import assert_draws_pass, random_seeds, requires_cuda, run_without_host_sync
 
 CPU_BACKENDS = flood_kernels.available_backends("cpu")
+KERNEL_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
 N, D, V = 13, 8, 11  # with chunk_size=4 the chunks are 4, 4, 4, 1 rows
 
 # Option sets; "levels" stands for per-sample flood levels, "weights" for random class weights. With logits
@@ -270,15 +274,19 @@ def test_uninitialized_memory_never_leaks(backend, case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["batch-ascent", "batch-sum-ascent", "iflood-levels", "iflood-none"])
-@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name != "reference"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph(backend, case):
     """Kernel backends trace without graph breaks (the reference backend's torch.autograd.grad does not)."""
     torch._dynamo.reset()
-    h, w, b, y = make_inputs()
-    options = resolve(CASES[case], N, V)
-    grad_output = grad_output_for(options, y.shape, value=-1.5)
     compiled = torch.compile(linear_flooded_cross_entropy, fullgraph=True, backend="aot_eager")
-    loss = compiled(h, w, y, linear_bias=b, backend=backend, chunk_size=4, **options)
+    assert_step_matches(compiled, *make_inputs(), resolve(CASES[case], N, V), backend)
+
+
+def assert_step_matches(loss_fn, h, w, b, y, options, backend):
+    """Loss and gradients of ``loss_fn`` (linear_flooded_cross_entropy, compiled) at grad_output -1.5 (per row for
+    reduction="none"), chunks of 4 rows, against the float64 reference."""
+    grad_output = grad_output_for(options, y.shape, value=-1.5)
+    loss = loss_fn(h, w, y, linear_bias=b, backend=backend, chunk_size=4, **options)
     grads = torch.autograd.grad(loss, (h, w, b), grad_output.to(loss.dtype))
     expected_loss, expected_grads = reference(h, w, b, y, grad_output, **options)
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
@@ -334,6 +342,48 @@ def test_autocast(backend, case, compiled):
         torch.testing.assert_close(grad.double(), expected, rtol=2e-2, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("case", ["batch-ascent", "iflood-levels", "iflood-none"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_dynamic_rows_compiles_once(backend, case):
+    """Under dynamic shapes a new number of rows never recompiles (the chunk loops run inside the two ops, not in
+    the graph), on the fused path and on reduction="none"'s recomputing backward, and each size is right."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(linear_flooded_cross_entropy, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for rows in (5, 13, 22):  # 2, 4 and 6 chunks of up to 4 rows, the last one partial
+        h, w, b, y = make_inputs(rows=(rows,), seed=rows)
+        options = resolve(CASES[case], rows, V, seed=rows)
+        if rows == 5:  # an eager call first: the backends' lookup tables fill on first use
+            linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend=backend, chunk_size=4, **options)
+        assert_step_matches(compiled, h, w, b, y, options, backend)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[-1] == frames[0]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_chunked_passes(backend, reduction):
+    """torch.library.opcheck of the two chunked ops: schema, fake tensors (dynamic shapes included) and
+    AOT dispatch, with every gradient, with only grad_W and with the compensated accumulator."""
+    h, w, b, y = (t.detach() for t in make_inputs())
+    options = dataclasses.replace(LossOptions(), flood="individual", reduction=reduction, label_smoothing=0.1)
+    level = torch.rand(N) * 5.0
+    for needs, accumulator, dtype in (([True, True, True], "float32", torch.float32),
+                                      ([False, True, False], "float32", torch.float32),
+                                      ([True, True, True], "compensated", torch.bfloat16)):
+        hd, wd, bd = (t.to(dtype) for t in (h, w, b))
+        arguments = linear._op_arguments(options, backend, 4, accumulator, needs)
+        assert arguments == dataclasses.astuple(options) + (backend, 4, accumulator, needs)  # the ops' order
+        forward_args = (hd, wd, bd, y, None, level, *arguments)
+        torch.library.opcheck(torch.ops.flood_kernels.linear_chunked_forward.default, forward_args)
+        if reduction == "none":
+            lse = torch.ops.flood_kernels.linear_chunked_forward(*forward_args)[1]
+            lse = lse if lse.numel() else None
+            backward_args = (hd, wd, bd, y, None, lse, torch.randn(N), *arguments)
+            torch.library.opcheck(torch.ops.flood_kernels.linear_chunked_backward.default, backward_args)
+
+
 def test_second_backward_raises_unless_recomputed():
     h, w, b, y = make_inputs()
     loss = linear_flooded_cross_entropy(h, w, y, linear_bias=b, chunk_size=4)
@@ -373,11 +423,13 @@ def test_default_chunk_size():
 
 @requires_cuda
 @pytest.mark.gpu
-def test_cuda_default_chunk_size_follows_the_free_memory():
-    h, w = torch.empty(8192, 64, device="cuda", dtype=torch.bfloat16), torch.empty(128256, 64, device="cuda")
-    free = linear._free_bytes_for_chunks(h, w)
+@pytest.mark.parametrize("accumulator", linear.GRAD_WEIGHT_ACCUMULATORS)
+def test_cuda_default_chunk_size_follows_the_free_memory(accumulator):
+    h = torch.empty(8192, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.empty(128256, 64, device="cuda", dtype=torch.bfloat16)
+    free = linear._free_bytes_for_chunks(h, w, accumulator)
     assert 0 < free <= torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
-    assert linear._check_chunk_size(None, h, w) == default_chunk_size(128256, 2, free)
+    assert linear._check_chunk_size(None, h, w, accumulator) == default_chunk_size(128256, 2, free)
 
 
 def _peak_cpu_bytes(fn) -> int:
@@ -409,18 +461,25 @@ def test_peak_memory_stays_below_the_logits():
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension's kernels")
+@pytest.mark.parametrize("compiler", [None, "aot_eager", "inductor"])
 @pytest.mark.parametrize("case", ["batch", "plain-none"])
-def test_peak_memory_is_one_chunk_of_logits(case):
+def test_peak_memory_is_one_chunk_of_logits(case, compiler):
     """The kernel writes the gradient over the chunk's logits, and a chunk is freed before the next one exists:
-    beyond the gradients, one chunk of logits (and vectors of N or V) at a time."""
+    beyond the gradients, one chunk of logits (and vectors of N or V) at a time; under torch.compile too, where
+    the chunk loops run inside the ops (unrolled into the graph, all 16 chunks' logits were alive at once)."""
     rows, d, v, chunk = 512, 16, 4096, 32
     options = resolve(CASES[case], rows, v)
     h, w, b, y = make_inputs(rows=(rows,), d=d, v=v)
     grad_output = grad_output_for(options, (rows,)).float()
+    torch._dynamo.reset()
+    loss_fn = linear_flooded_cross_entropy
+    if compiler is not None:
+        loss_fn = torch.compile(linear_flooded_cross_entropy, fullgraph=True, backend=compiler)
 
     def fused():
-        linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="cpu", chunk_size=chunk, **options).backward(
-            grad_output)
+        loss_fn(h, w, y, linear_bias=b, backend="cpu", chunk_size=chunk, **options).backward(grad_output)
+
+    fused()  # compiled before the measurement
 
     gradients_bytes = (h.numel() + w.numel() + b.numel()) * 4
     chunk_bytes = chunk * v * 4
