@@ -74,8 +74,8 @@ EXTRAS_REQUIRE = {
     "examples": ["matplotlib"],
 }
 # The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers integration
-# and the examples' plots.
-EXTRAS_REQUIRE["test"] = ["pytest", "pytest-benchmark"] + [req for extra in ("triton", "transformers", "examples")
+# and the examples' plots; pylint checks the calls of the code CI cannot run (scripts/check_calls.sh).
+EXTRAS_REQUIRE["test"] = ["pytest", "pytest-benchmark", "pylint>=4,<5"] + [req for extra in ("triton", "transformers", "examples")
                                                            for req in EXTRAS_REQUIRE[extra]]
 
 

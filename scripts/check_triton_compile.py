@@ -214,7 +214,7 @@ def check_compensated_sum(archs) -> list:
                    "BLOCK": compensated._FINISH_BLOCK}, {"num_warps": 4}, "ld.global.v4.b32")
         for kernel, (signature, constexprs, options, needed) in ((compensated._accumulate_kernel, gemm),
                                                                  (compensated._finish_kernel, finish)):
-            aligned = [n for n, kind in signature.items() if kind.startswith("*") or n in
+            aligned = [n for n, kind in signature.items() if kind.startswith("*") or n in  # pylint: disable=no-member
                        ("n_classes", "n_features", "grad_logits_row_stride", "input_row_stride", "n_elements")]
             label = f"compensated {kernel.fn.__name__} {name} sm_{arch}"
             start = time.perf_counter()

@@ -359,8 +359,8 @@ def test_resident_rows_at_cluster_boundaries(device, backend, dtype, v, strided)
     for single_read in (True, False):
         leaf = wide.detach().clone().requires_grad_(True)
         loss, _ = flooded_cross_entropy_with_options(
-            leaf[:, -v:], target, LossOptions(flood="individual", **options), level, weight, backend,
-            single_read=single_read)
+            leaf[:, -v:], target, LossOptions(flood="individual", **options),  # pylint: disable=unexpected-keyword-arg
+            level, weight, backend, single_read=single_read)  # (pylint misses the pop of "weight" above)
         loss.backward()
         losses.append(loss.detach())
         grads.append(leaf.grad[:, -v:])
