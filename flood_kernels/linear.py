@@ -269,7 +269,8 @@ def _chunked_forward(
                           reverse_ce_log_zero)
     losses, lse, factor, grads = _forward_buffers(h, linear_weight, linear_bias, reduction, backend, accumulator,
                                                   needs)
-    fused, keep_lse, rows = _computes_gradients_in_forward(reduction, needs), lse.dim() == 2, h.shape[0]
+    fused, keep_lse = _computes_gradients_in_forward(reduction, needs), _keeps_lse(reduction, needs, backend)
+    rows = h.shape[0]
     for start in range(0, rows, chunk_size):
         chunk = slice(start, min(start + chunk_size, rows))
         h_chunk, target_chunk = h[chunk], target[chunk]
