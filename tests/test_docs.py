@@ -1,7 +1,9 @@
-"""The numbers that docs/using_flooding.md gives for choosing b are what the loss computes."""
+"""The numbers the docs give: docs/using_flooding.md's for choosing b are what the loss computes, the README's
+measured times are the committed results'."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -56,3 +58,61 @@ def test_label_smoothing_floor_examples():
             moved = logits + 1e-2 * torch.randn(logits.shape, dtype=torch.float64)
             assert float(flooded_cross_entropy(moved, target, flood=None, label_smoothing=eps,
                                                backend="reference")) > floor
+
+
+README = os.path.join(os.path.dirname(GUIDE), os.pardir, "README.md")
+PHASES = {"batch, J > b": "descent", "batch, J < b": "ascent", "flood=None": "plain", "iFlood": "iflood"}
+COLUMNS = {"flood_kernels `cpu`": "flood_kernels[cpu]", "eager one-liner (upcast)": "eager (upcast)",
+           "eager (no upcast)": "eager", "torch.compile (upcast)": "torch.compile (upcast)"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def close_to_print(value: float, printed: str) -> bool:
+    """``printed`` is ``value`` to the digits it shows (within half a unit of its last digit)."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(value - float(printed)) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def readme_result_tables():
+    """(results directory, header cells, rows of cells) of each README table of measured times: a table whose
+    header starts with "N x V", measured by the last ``--out benchmarks/results/DIR`` command named before it."""
+    with open(README, encoding="utf-8") as file:
+        lines = file.read().splitlines()
+    tables, directory = [], None
+    for number, line in enumerate(lines):
+        directory = (re.findall(r"--out (benchmarks/results/[\w-]+)", line) or [directory])[-1]
+        if line.startswith("| N x V"):
+            rows = []
+            for row in lines[number + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([cell.strip() for cell in row.strip("|").split("|")])
+            tables.append((directory, [cell.strip() for cell in line.strip("|").split("|")], rows))
+    return tables
+
+
+def test_readme_measured_tables_are_the_committed_results():
+    """Every time and ratio in the README's tables of measured numbers is the committed results.json's, to the
+    digits shown: ``ms`` (``2-pass`` the two-pass path's), and ``ms (ratio x)`` with the ratio to our column."""
+    tables = readme_result_tables()
+    assert len(tables) >= 2
+    for directory, header, rows in tables:
+        with open(os.path.join(os.path.dirname(README), directory, "results.json"), encoding="utf-8") as file:
+            records = json.load(file)["records"]
+        header_dtype = header[0].partition(", ")[2]
+        assert rows and header[1] == "phase" and all(name in COLUMNS for name in header[2:]), header
+        for cells in rows:
+            shape, _, row_dtype = cells[0].partition(", ")
+            n, v = (int(size) for size in shape.split(" x "))
+            key = (n, v, DTYPES[row_dtype or header_dtype], PHASES[cells[1]], "fwd+bwd")
+            times = {r["implementation"]: r["ms"] for r in records
+                     if (r["n"], r["v"], r["dtype"], r["phase"], r["mode"]) == key}
+            ours_printed, _, two_pass = cells[2].partition(" (2-pass ")
+            ours = times[COLUMNS[header[2]]]
+            assert close_to_print(ours, ours_printed), (directory, cells)
+            if two_pass:
+                assert close_to_print(times["flood_kernels[cpu,2-pass]"], two_pass.rstrip(")")), (directory, cells)
+            for name, cell in zip(header[3:], cells[3:]):
+                printed, ratio = re.fullmatch(r"([\d.]+) \(([\d.]+)x\)", cell).groups()
+                assert close_to_print(times[COLUMNS[name]], printed), (directory, cells, name)
+                assert close_to_print(times[COLUMNS[name]] / ours, ratio), (directory, cells, name)
