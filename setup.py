@@ -75,8 +75,8 @@ EXTRAS_REQUIRE = {
 }
 # The test suite exercises every optional part: Triton kernels (interpreted on CPU), the Transformers integration
 # and the examples' plots; pylint checks the calls of the code CI cannot run (scripts/check_calls.sh).
-EXTRAS_REQUIRE["test"] = ["pytest", "pytest-benchmark", "pylint>=4,<5"] + [req for extra in ("triton", "transformers", "examples")
-                                                           for req in EXTRAS_REQUIRE[extra]]
+EXTRAS_REQUIRE["test"] = ["pytest", "pytest-benchmark", "pylint>=4,<5"] + [
+    req for extra in ("triton", "transformers", "examples") for req in EXTRAS_REQUIRE[extra]]
 
 
 # Guarded so that scripts can read EXTRAS_REQUIRE (runpy) without building; pip runs this file as __main__.

@@ -22,7 +22,8 @@
 # What comes back (8 files at most; 7 unless a step failed): gpu.txt (device, versions, one line per step, the
 # gemm table), tests.log, bench.log (the benchmarks' stderr), cls/results.json, bench/results.json (written after
 # every cell: a deadline keeps what was measured), linear.json (pytest-benchmark; linear.jsonl instead, a line
-# per cell, when cut short), compensated_gemm.json, and memcheck.log or build.log when they failed. The GPU tests run in 8 processes when .whl/ carries pytest-xdist.
+# per cell, when cut short), compensated_gemm.json, and memcheck.log or build.log when they failed. The GPU tests
+# run in 8 processes when .whl/ carries pytest-xdist.
 set -uo pipefail
 budget="${1:-560}"
 steps="${2:-build tests cls bench linear memcheck gemm}"

@@ -322,8 +322,9 @@ def _fake_chunked_backward(h, linear_weight, linear_bias, target, weight, lse, g
     return _Gradients.allocate(h, linear_weight, linear_bias, needs, accumulator).outputs(grad_losses)
 
 
-def _define_chunked_op(name: str, impl: Callable, fake: Callable) -> None:
-    """``impl`` as the op ``flood_kernels::name`` (its schema from the annotations), for the kernel backends.
+def _define_chunked_op(name: str, impl: Callable, fake: Callable) -> Callable[..., Tuple[Tensor, ...]]:
+    """``impl`` as the op ``flood_kernels::name`` (its schema from the annotations), for the kernel backends;
+    returns the pass to call, which is the op, or ``impl`` itself for the reference backend.
 
     Why ops: torch.compile then sees one op per pass, so nothing in the graph depends on the number of rows
     (dynamic shapes compile once), no chunk loop is unrolled into it, and one chunk of logits is alive at a time
@@ -341,10 +342,16 @@ def _define_chunked_op(name: str, impl: Callable, fake: Callable) -> None:
         return impl(*args)
 
     torch.library.custom_op(f"flood_kernels::{name}", kernel_backends_only, mutates_args=()).register_fake(fake)
+    op = getattr(torch.ops.flood_kernels, name)
+
+    def run(*args: Any) -> Tuple[Tensor, ...]:
+        return (impl if args[backend_position] == "reference" else op)(*args)
+
+    return run
 
 
-_define_chunked_op("linear_chunked_forward", _chunked_forward, _fake_chunked_forward)
-_define_chunked_op("linear_chunked_backward", _chunked_backward, _fake_chunked_backward)
+_forward_pass = _define_chunked_op("linear_chunked_forward", _chunked_forward, _fake_chunked_forward)
+_backward_pass = _define_chunked_op("linear_chunked_backward", _chunked_backward, _fake_chunked_backward)
 
 
 def _op_arguments(options: LossOptions, backend: str, chunk_size: int, accumulator: str,
@@ -368,12 +375,11 @@ class _LinearRowLosses(torch.autograd.Function):
     def forward(ctx, h, linear_weight, linear_bias, target, weight, level, options, backend, chunk_size,
                 grad_weight_accumulator, grad_enabled):
         needs = tuple(need and grad_enabled for need in ctx.needs_input_grad[:3])
-        arguments = _op_arguments(options, backend, chunk_size, grad_weight_accumulator, needs)
-        forward_pass = _chunked_forward if backend == "reference" else torch.ops.flood_kernels.linear_chunked_forward
-        losses, lse, factor, *buffers = forward_pass(h, linear_weight, linear_bias, target, weight, level, *arguments)
+        ctx.arguments = _op_arguments(options, backend, chunk_size, grad_weight_accumulator, needs)
+        losses, lse, factor, *buffers = _forward_pass(h, linear_weight, linear_bias, target, weight, level,
+                                                      *ctx.arguments)
         fused = _computes_gradients_in_forward(options.reduction, needs)
-        ctx.arguments, ctx.reduction, ctx.backend = arguments, options.reduction, backend
-        ctx.needs, ctx.accumulator = needs, grad_weight_accumulator
+        ctx.reduction, ctx.needs, ctx.accumulator = options.reduction, needs, grad_weight_accumulator
         ctx.dtypes = (h.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         ctx.grads = _Gradients.from_outputs(buffers, needs, grad_weight_accumulator, linear_weight.dtype) \
             if fused else None
@@ -389,9 +395,8 @@ class _LinearRowLosses(torch.autograd.Function):
         with _autocast_off(grad_losses.device):
             if ctx.reduction == "none":
                 h, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-                backward_pass = _chunked_backward if ctx.backend == "reference" else \
-                    torch.ops.flood_kernels.linear_chunked_backward
-                buffers = backward_pass(h, linear_weight, linear_bias, target, weight, lse, grad_losses, *ctx.arguments)
+                buffers = _backward_pass(h, linear_weight, linear_bias, target, weight, lse, grad_losses,
+                                         *ctx.arguments)
                 grads = _Gradients.from_outputs(buffers, ctx.needs, ctx.accumulator, linear_weight.dtype)
                 scale = None
             else:

@@ -138,6 +138,11 @@ def resource_usage(compiled) -> dict:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report)}
 
 
+def local_bytes(usage: dict) -> int:
+    """Local memory per thread in a :func:`resource_usage` report: register spills and stack."""
+    return usage.get("LOCAL", 0) + usage.get("STACK", 0)
+
+
 def check_variant(name, kernel, signature, switches, dtype: str, arch: int, config, v: int) -> list:
     """Compile one variant, print its table row; returns the failures (errors, spills, no 16-byte accesses)."""
     on = ",".join(n.removeprefix("HAS_").lower() for n, value in switches.items() if value) or "-"
@@ -155,7 +160,7 @@ def check_variant(name, kernel, signature, switches, dtype: str, arch: int, conf
         vector_accesses &= bool(re.search(r"st\.global(\.\w+)*\.v(4\.b32|2\.b64)", ptx))
     # Float options reach a float32 kernel as float32 (the float64 kernels also add their rounding errors).
     fp64_math = [line.strip() for line in ptx.splitlines() if dtype != "fp64" and re.search(r"\.f64\b", line)]
-    local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+    local = local_bytes(usage)
     print(f"| {name} | {dtype} | {v} | {arch} | {on} | {usage.get('REG')} | {usage.get('SHARED')} | {local} | "
           f"{'yes' if vector_accesses else 'NO'} | {time.perf_counter() - start:.1f} |")
     failures = []
@@ -187,8 +192,7 @@ def check_epilogue(archs) -> list:
             except Exception as error:  # any compiler error is the finding
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
-            usage = resource_usage(compiled)
-            if usage.get("LOCAL", 0) + usage.get("STACK", 0):
+            if local_bytes(resource_usage(compiled)):
                 failures.append(f"{label}: local memory (spills)")
     print(f"epilogue kernel: {2 * 3 * 2 * 2 * 2} variants per arch compiled, {len(failures)} failure(s)")
     return failures
@@ -224,7 +228,7 @@ def check_compensated_sum(archs) -> list:
                 failures.append(f"{label}: {type(error).__name__}: {error}")
                 continue
             usage = resource_usage(compiled)
-            local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+            local = local_bytes(usage)
             found = needed in compiled.asm["ptx"]
             print(f"{label}: {usage.get('REG')} registers, {compiled.metadata.shared} B shared, {local} B local, "
                   f"{needed}: {'yes' if found else 'NO'} ({time.perf_counter() - start:.1f} s)")
@@ -240,6 +244,7 @@ def main() -> int:
     parser.add_argument("--archs", default="90,80", help="comma list of compute capabilities")
     parser.add_argument("--quick", action="store_true", help="only the all-off and all-on switch combinations")
     args = parser.parse_args()
+    archs = [int(a) for a in args.archs.split(",")]
     # (name, kernel, signature, switches, launch configuration, the Vs of a variant)
     kernels = [
         ("forward", ce._forward_kernel, forward_signature, ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"),
@@ -255,7 +260,7 @@ def main() -> int:
     print(f"triton {triton.__version__}; rows 16-aligned when V is a multiple of 16; launch config from the launcher")
     print("| kernel | dtype | V | sm | switches on | regs | shared B | local B | 16-byte accesses | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for arch in (int(a) for a in args.archs.split(",")):
+    for arch in archs:
         for name, kernel, signature, switch_names, config, vocabularies in kernels:
             combos = list(itertools.product((False, True), repeat=len(switch_names)))
             if args.quick:
@@ -272,8 +277,8 @@ def main() -> int:
                 compile_variant(kernel, signature(dtype), switches, dtype, 90, config, v)
             except Exception as error:
                 failures.append(f"{name} {dtype} sm_90 V={v}: {type(error).__name__}: {error}")
-    failures += check_epilogue(int(a) for a in args.archs.split(","))
-    failures += check_compensated_sum([int(a) for a in args.archs.split(",")])
+    failures += check_epilogue(archs)
+    failures += check_compensated_sum(archs)
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     print("check_triton_compile:", "OK" if not failures else f"{len(failures)} failure(s)")

@@ -127,14 +127,21 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     assert torch.cuda.current_stream(device) == before
 
 
+def run_benchmark_script(name: str, *arguments: str, **environment: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name> arguments`` with this checkout importable and ``environment`` added; it must
+    exit 0."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / name), *arguments], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(repo), **environment), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_compensated_gemm_benchmark_runs(tmp_path):
     """benchmarks/compensated_gemm.py (a gpu_session.sh step) end to end at a tiny shape on CPU: the compensated
     GEMM and cuBLAS-into-bf16 rows are timed, the float32 one is an error row (no mixed-precision GEMM on CPU)."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compensated_gemm.py"
-    environment = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(script.parent.parent))
-    done = subprocess.run([sys.executable, str(script), "--classes", "70", "--features", "45", "--rows", "37",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_benchmark_script("compensated_gemm.py", "--classes", "70", "--features", "45", "--rows", "37",
+                                "--out", str(tmp_path), TRITON_INTERPRET="1")
     rows = {(row["variant"], row["rows"]): row
             for row in json.loads((tmp_path / "compensated_gemm.json").read_text())["variants"]}
     assert rows[("compensated 32x32x16 w1 s1 rNone", 37)]["ms"] > 0 and rows[("cuBLAS into bf16", 37)]["ms"] > 0
@@ -145,11 +152,8 @@ def test_compensated_gemm_benchmark_runs(tmp_path):
 def test_grad_weight_accuracy_benchmark_runs(tmp_path):
     """benchmarks/grad_weight_accuracy.py end to end at a tiny shape: every accumulator, every chunk count, and
     the compensated sum as accurate as float32's while the bf16 one is not."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "grad_weight_accuracy.py"
-    environment = dict(os.environ, PYTHONPATH=str(script.parent.parent))
-    done = subprocess.run([sys.executable, str(script), "--rows", "512", "--features", "16", "--classes", "64",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = run_benchmark_script("grad_weight_accuracy.py", "--rows", "512", "--features", "16", "--classes", "64",
+                                "--out", str(tmp_path))
     results = json.loads((tmp_path / "grad_weight_accuracy.json").read_text())["results"]
     assert [row["chunks"] for row in results] == [8, 32, 128]
     for row in results:

@@ -67,12 +67,6 @@ COLUMNS = {"flood_kernels `cpu`": "flood_kernels[cpu]", "eager one-liner (upcast
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def close_to_print(value: float, printed: str) -> bool:
-    """``printed`` is ``value`` to the digits it shows (within half a unit of its last digit)."""
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(value - float(printed)) <= 0.5 * 10 ** -decimals + 1e-9
-
-
 def readme_result_tables():
     """(results directory, header cells, rows of cells) of each README table of measured times: a table whose
     header starts with "N x V", measured by the last ``--out benchmarks/results/DIR`` command named before it."""
@@ -109,10 +103,10 @@ def test_readme_measured_tables_are_the_committed_results():
                      if (r["n"], r["v"], r["dtype"], r["phase"], r["mode"]) == key}
             ours_printed, _, two_pass = cells[2].partition(" (2-pass ")
             ours = times[COLUMNS[header[2]]]
-            assert close_to_print(ours, ours_printed), (directory, cells)
+            assert rounds_to(ours, ours_printed), (directory, cells)
             if two_pass:
-                assert close_to_print(times["flood_kernels[cpu,2-pass]"], two_pass.rstrip(")")), (directory, cells)
+                assert rounds_to(times["flood_kernels[cpu,2-pass]"], two_pass.rstrip(")")), (directory, cells)
             for name, cell in zip(header[3:], cells[3:]):
                 printed, ratio = re.fullmatch(r"([\d.]+) \(([\d.]+)x\)", cell).groups()
-                assert close_to_print(times[COLUMNS[name]], printed), (directory, cells, name)
-                assert close_to_print(times[COLUMNS[name]] / ours, ratio), (directory, cells, name)
+                assert rounds_to(times[COLUMNS[name]], printed), (directory, cells, name)
+                assert rounds_to(times[COLUMNS[name]] / ours, ratio), (directory, cells, name)
