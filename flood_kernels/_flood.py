@@ -37,7 +37,7 @@ def flood(loss: Tensor, level: Tensor) -> Tensor:
 
 def reduce_and_flood(
     losses: Tensor,
-    target: Tensor,
+    target: Optional[Tensor],
     weight: Optional[Tensor],
     ignore_index: int,
     reduction: str,
@@ -50,10 +50,12 @@ def reduce_and_flood(
     """Return ``(loss, raw_loss)`` from float32 per-row losses (0 on ignored rows).
 
     ``flood_level`` is a tensor on the losses' device: 0-d, or ``(N,)`` for per-sample levels. A caller that
-    already has the "mean" denominator passes it. ``epilogue`` (a backend's ``flood_epilogue`` op, see
-    :func:`flood_kernels.backends.epilogue_op`) computes the same for reductions "mean" and "sum" in one kernel
-    and one autograd node. With a ``process_group`` the sums and the denominator are those of the whole group
-    before the flood transform (:mod:`flood_kernels._distributed`).
+    already has the "mean" denominator passes it. ``target`` None means probability targets: every row counts, and
+    the "mean" denominator is the number of rows whatever the class weights (as in ``nn.CrossEntropyLoss``).
+    ``epilogue`` (a backend's ``flood_epilogue`` op, see :func:`flood_kernels.backends.epilogue_op`) computes the
+    same for reductions "mean" and "sum" in one kernel and one autograd node (class-index targets). With a
+    ``process_group`` the sums and the denominator are those of the whole group before the flood transform
+    (:mod:`flood_kernels._distributed`).
     """
     if epilogue is not None and reduction != "none" and process_group is None:
         loss, raw, _ = epilogue(losses, target, weight, flood_level, FLOOD_MODES[flood_mode], reduction == "mean",
@@ -61,12 +63,16 @@ def reduce_and_flood(
         return loss, raw.detach()
     flooded_rows = None
     if flood_mode == "individual":
-        flooded_rows = torch.where(target != ignore_index, flood(losses, flood_level), 0.0)
+        flooded_rows = flood(losses, flood_level)
+        if target is not None:
+            flooded_rows = torch.where(target != ignore_index, flooded_rows, 0.0)
     if reduction == "none":
         return (losses if flooded_rows is None else flooded_rows), losses.detach()
     sums = [losses.sum()] if flooded_rows is None else [losses.sum(), flooded_rows.sum()]
     if reduction == "mean":
-        if denominator is None:
+        if denominator is None and target is None:
+            denominator = torch.full((), losses.shape[0], dtype=losses.dtype, device=losses.device)
+        elif denominator is None:
             denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
         sums.append(denominator)
     if process_group is not None:

@@ -131,8 +131,8 @@ def check_target(target: Tensor, row_shape: Tuple[int, ...], device: torch.devic
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
-            f"target must hold integer class indices, got dtype {target.dtype} "
-            "(probability targets are not supported)"
+            f"target must hold integer class indices here, got dtype {target.dtype} (probability targets of the "
+            "input's shape are taken by flooded_cross_entropy and FloodedCrossEntropyLoss)"
         )
     if tuple(target.shape) != tuple(row_shape):
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(row_shape)} for this input")
@@ -149,6 +149,13 @@ def as_rows(input: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, torch.Size]:
     Returns the 2-D logits, the flat targets and the target's shape (the shape of ``reduction='none'``).
     Row-major ``(N, C)`` input is used as it is (any row stride); other layouts are copied once.
     """
+    logits, row_shape = input_rows(input)
+    return logits, check_target(target, tuple(row_shape), input.device), row_shape
+
+
+def input_rows(input: Tensor) -> Tuple[Tensor, torch.Size]:
+    """``input`` as ``(rows, C)`` logits with unit class stride, and the shape of its samples (``input``'s shape
+    without the class dimension): ``(C,)`` is one row, ``(N, C, d1, ...)`` has ``N * d1 * ...`` rows."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -158,16 +165,17 @@ def as_rows(input: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, torch.Size]:
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if classes < 1:
         raise ValueError("input must have at least one class")
-    if input.dim() == 1:
-        row_shape: Tuple[int, ...] = ()
-        logits = input.unsqueeze(0)
-    elif input.dim() == 2:
-        row_shape = (input.shape[0],)
-        logits = input
+    return class_rows(input), torch.Size(input.shape[1:] if input.dim() == 1 else
+                                         (input.shape[0],) + tuple(input.shape[2:]))
+
+
+def class_rows(tensor: Tensor) -> Tensor:
+    """A tensor of ``nn.CrossEntropyLoss``'s input layout as ``(rows, C)`` with unit class stride (a view where it
+    can be: row-major ``(N, C)`` keeps any row stride; other layouts are copied once)."""
+    if tensor.dim() == 1:
+        rows = tensor.unsqueeze(0)
+    elif tensor.dim() == 2:
+        rows = tensor
     else:
-        row_shape = (input.shape[0],) + tuple(input.shape[2:])
-        logits = input.movedim(1, -1).reshape(-1, classes)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    flat_target = check_target(target, row_shape, input.device)
-    return logits, flat_target, torch.Size(row_shape)
+        rows = tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
+    return rows if rows.stride(1) == 1 else rows.contiguous()

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _single_read, backends, reference
+from . import _probability_targets, _single_read, backends, reference
 from ._distributed import check_process_group
 from ._flood import reduce_and_flood
 from ._inputs import FloodLevel, LossOptions, as_rows, check_flood_level, check_weight, loss_dtype
@@ -70,7 +70,7 @@ def flooded_cross_entropy(
     return_raw: bool = False,
     process_group: Optional[Any] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Flooded cross-entropy of logits ``input`` against class indices ``target``.
+    """Flooded cross-entropy of logits ``input`` against class indices ``target`` (or class probabilities).
 
     Per sample, ``l_i`` is ``F.cross_entropy(..., reduction="none")`` (weights, label smoothing, ignore_index)
     on ``softcap * tanh(input / softcap)`` when softcap is set, plus ``z_loss * lse_i**2`` and
@@ -81,13 +81,16 @@ def flooded_cross_entropy(
       may be a float, a 0-d tensor or per-sample levels of the target's shape;
     * ``flood=None``: plain cross-entropy.
 
-    Layouts are those of ``nn.CrossEntropyLoss``. The loss is float32 for every input dtype (float64 for
-    float64 input). ``inplace_backward=True`` overwrites ``input`` with its gradient during backward (saves
-    N x V memory; ``input`` must not be used afterwards). ``return_raw=True`` also returns the unflooded
-    loss, detached, computed in the same pass. ``process_group`` (a ``torch.distributed`` group, e.g.
-    ``torch.distributed.group.WORLD``) floods the loss of the whole data-parallel batch: the sums and the
-    "mean" denominator are summed over the group before the flood transform, every rank gets the global loss,
-    and its gradient is scaled for DDP / FSDP gradient averaging (:mod:`flood_kernels._distributed`).
+    Layouts are those of ``nn.CrossEntropyLoss``, including its probability targets (a floating ``target`` of
+    the input's shape: PyTorch ops in the loss dtype instead of the fused kernels, see
+    :mod:`flood_kernels._probability_targets`; no ``ignore_index``, ``reverse_ce`` or ``inplace_backward``). The
+    loss is float32 for every input dtype (float64 for float64 input). ``inplace_backward=True`` overwrites
+    ``input`` with its gradient during backward (saves N x V memory; ``input`` must not be used afterwards).
+    ``return_raw=True`` also returns the unflooded loss, detached, computed in the same pass.
+    ``process_group`` (a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``) floods the loss
+    of the whole data-parallel batch: the sums and the "mean" denominator are summed over the group before the
+    flood transform, every rank gets the global loss, and its gradient is scaled for DDP / FSDP gradient
+    averaging (:mod:`flood_kernels._distributed`).
     """
     options = LossOptions(flood, ignore_index, reduction, label_smoothing, z_loss, softcap, reverse_ce,
                           reverse_ce_log_zero)
@@ -108,6 +111,9 @@ def flooded_cross_entropy_with_options(
     the per-row losses come from the two-pass kernels and the epilogue sums over the group.
     """
     check_process_group(process_group, options.reduction)
+    if _probability_targets.is_probability_target(target):
+        return _probability_targets.flooded_cross_entropy(input, target, options, flood_level, weight, backend,
+                                                          inplace_backward, process_group)
     logits, flat_target, row_shape = as_rows(input, target)
     dtype = loss_dtype(logits.dtype)
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)

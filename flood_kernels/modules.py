@@ -15,7 +15,8 @@ from .functional import flooded_cross_entropy_with_options
 class FloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
     """``nn.CrossEntropyLoss`` with the flooding options of :func:`flooded_cross_entropy`.
 
-    Same argument names, defaults and input layouts as ``nn.CrossEntropyLoss``. ``weight`` is a buffer
+    Same argument names, defaults, input layouts and target forms (class indices or probabilities) as
+    ``nn.CrossEntropyLoss``. ``weight`` is a buffer
     (moves with ``.to()``); a tensor ``flood_level`` is a buffer too, so a schedule can update it in place
     (``loss_fn.flood_level.fill_(b)``) without recompiling under torch.compile. After each call,
     ``last_raw_loss`` holds the unflooded loss, detached, for logging. ``process_group`` floods the loss of

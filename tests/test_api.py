@@ -22,7 +22,8 @@ def _inputs(n=6, v=10):
 
 BAD_ARGUMENTS = [
     (dict(input=torch.randint(0, 3, (4, 10))), TypeError, "input"),
-    (dict(target=torch.rand(6)), TypeError, "target"),
+    (dict(target=torch.rand(6)), ValueError, "target"),  # probabilities need the input's shape
+    (dict(target=torch.ones(6, dtype=torch.bool)), TypeError, "target"),
     (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
     (dict(input=torch.tensor(1.0)), ValueError, "input"),
     (dict(flood="sometimes"), ValueError, "flood"),

@@ -53,6 +53,10 @@ CASES: Dict[str, Tuple[Dict[str, Any], List[int], str, float, str]] = {
                               0.5, "linear"),
     "linear-module": ({"label_smoothing": 0.1}, [6, 6], "between", 1.0, "linear-module"),
     "compiled": ({"weight": True}, [6, 6], "between", 1.0, "compiled"),
+    "probabilities-batch-mean-between": ({"probabilities": True, "weight": True, "label_smoothing": 0.1,
+                                          "z_loss": 1e-3}, [5, 7], "between", 1.0, "function"),
+    "probabilities-individual-levels": ({"probabilities": True, "flood": "individual", "weight": True}, [4, 8],
+                                        "per-sample", 1.0, "module"),
 }
 
 
@@ -61,6 +65,8 @@ def _batch(seed: int, options: Dict[str, Any], rows: List[int]) -> Dict[str, Any
     torch.manual_seed(seed)
     n = sum(rows)
     batch = {"logits": random_logits(n, V, "cpu", scale=2.0), "target": random_target(n, V, "cpu")}
+    if options.get("probabilities"):  # class probabilities in place of the indices; "mean" divides by the rows
+        batch["target"] = torch.softmax(torch.randn(n, V) * 2.0, dim=1)
     if options.get("ignore") is True:
         batch["target"][torch.randperm(n)[: n // 4]] = -100
     elif options.get("ignore") == "rank0":
@@ -82,7 +88,7 @@ def _logits(batch: Dict[str, Any], entry: str) -> torch.Tensor:
 
 def _loss_options(options: Dict[str, Any], batch: Dict[str, Any], float64: bool = False) -> Dict[str, Any]:
     """The case's loss options, with the batch's class weights (in float64 for the reference)."""
-    kwargs = {k: v for k, v in options.items() if k not in ("weight", "ignore")}
+    kwargs = {k: v for k, v in options.items() if k not in ("weight", "ignore", "probabilities")}
     if batch["weight"] is not None:
         kwargs["weight"] = batch["weight"].double() if float64 else batch["weight"]
     return kwargs

@@ -85,6 +85,25 @@ def readme_result_tables():
     return tables
 
 
+def test_mixup_target_floor_example():
+    """a mixup target `0.7 e_a + 0.3 e_b` has `H = 0.611` nats: the loss of the prediction equal to that target,
+    the least loss (a small move of the logits only raises it), and iFlood's level ``entr(q).sum(1) + delta``
+    sits ``delta`` above it."""
+    claims = re.findall(r"a mixup target `([\d.]+) e_a \+ ([\d.]+) e_b` has `H = ([\d.]+)`", guide())
+    assert len(claims) == 1
+    first, second, stated = claims[0]
+    q = torch.zeros(1, 5, dtype=torch.float64)
+    q[0, 1], q[0, 3] = float(first), float(second)
+    logits = q.clamp_min(1e-30).log()
+    floor = float(flooded_cross_entropy(logits, q, flood=None))
+    assert rounds_to(floor, stated), (floor, stated)
+    moved = logits + 1e-2 * torch.randn(logits.shape, dtype=torch.float64)
+    assert float(flooded_cross_entropy(moved, q, flood=None)) > floor
+    assert "torch.special.entr(q).sum(1) + delta" in guide()
+    level = torch.special.entr(q).sum(1) + 0.25
+    assert abs(float(level[0]) - floor - 0.25) < 1e-12
+
+
 def test_readme_measured_tables_are_the_committed_results():
     """Every time and ratio in the README's tables of measured numbers is the committed results.json's, to the
     digits shown: ``ms`` (``2-pass`` the two-pass path's), and ``ms (ratio x)`` with the ratio to our column."""
