@@ -22,7 +22,7 @@ with this update as its epilogue, in :mod:`flood_kernels.triton.compensated_sum`
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ HIGH_DTYPES: Dict[torch.dtype, tuple] = {torch.bfloat16: (7, 1), torch.float16: 
 LOW_BITS = 8
 LOW_LIMIT = 127
 _VOCAB_SLICE_BYTES = 1 << 26
+_ELEMENTWISE_SLICE = 1 << 20
 
 
 def uses_low_part(dtype: torch.dtype) -> bool:
@@ -69,22 +70,40 @@ def add_(high: Tensor, low: Tensor, addend: Tensor) -> None:
 
 def finish_(high: Tensor, low: Tensor, scale: Optional[Tensor]) -> Tensor:
     """``high = (high + low * s(high)) * scale`` rounded once, in place; scale a float32 tensor of one element
-    (the backward's factor, on device) or None for 1."""
-    total = value(high, low)
-    return high.copy_(total if scale is None else total * scale)
+    (the backward's factor, on device) or None for 1. A slice of rows at a time (:func:`row_slices`)."""
+    for rows in row_slices(high):
+        total = value(high[rows], low[rows])
+        high[rows].copy_(total if scale is None else total * scale)
+    return high
 
 
-def float32_products(grad_logits: Tensor, h: Tensor) -> Iterator[Tuple[slice, Tensor]]:
-    """``(classes, (grad_logits.T @ h)[classes])`` in float32 from 16-bit operands, on CPU (which has no mixed-precision
-    GEMM): a slice of the vocabulary at a time, so the float32 temporaries stay within 64 MiB beyond ``h``."""
+def row_slices(tensor: Tensor) -> Iterator[Any]:
+    """Indices of ``tensor``'s slices along its first dimension, each of at most ``_ELEMENTWISE_SLICE`` elements
+    (one row at least; a 0-d tensor is one slice). Elementwise steps in float32 on CPU go a slice at a time: their
+    temporaries (up to ~20 bytes per element in :func:`add_`) stay within ~20 MiB instead of growing with V x D."""
+    if tensor.dim() == 0:
+        yield ...
+        return
+    step = max(1, _ELEMENTWISE_SLICE // max(1, tensor[:1].numel()))
+    for start in range(0, tensor.shape[0], step):
+        yield slice(start, start + step)
+
+
+def add_float32_products(grad_logits: Tensor, h: Tensor, add: Callable[[slice, Tensor], None]) -> None:
+    """``add(classes, (grad_logits.T @ h)[classes])`` with the product in float32 from 16-bit operands, on CPU (which
+    has no mixed-precision GEMM): a slice of the vocabulary at a time, each product freed when ``add`` returns
+    (before the next exists), so the float32 temporaries stay within 64 MiB beyond ``h``."""
     h32 = h.float()
     step = max(1, _VOCAB_SLICE_BYTES // (4 * max(1, h.shape[1] + grad_logits.shape[0])))
     for start in range(0, grad_logits.shape[1], step):
         classes = slice(start, start + step)
-        yield classes, torch.mm(grad_logits[:, classes].t().float(), h32)
+        add(classes, torch.mm(grad_logits[:, classes].t().float(), h32))
 
 
 def accumulate_(high: Tensor, low: Tensor, grad_logits: Tensor, h: Tensor) -> None:
     """``(high, low) += grad_logits.T @ h`` on CPU, the product in float32."""
-    for classes, product in float32_products(grad_logits, h):
-        add_(high[classes], low[classes], product)
+    def add_rows(classes: slice, product: Tensor) -> None:
+        for rows in row_slices(product):
+            add_(high[classes][rows], low[classes][rows], product[rows])
+
+    add_float32_products(grad_logits, h, add_rows)

@@ -140,13 +140,19 @@ def _uniform_scale(grad_losses: Tensor, factor: Tensor) -> Tensor:
 
 
 def _scaled(buffer: Optional[Tensor], scale: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """``buffer * scale`` computed in the scale's precision, as ``dtype``; reuses ``buffer`` when it has ``dtype``."""
+    """``buffer * scale`` computed in the scale's precision, as ``dtype``; reuses ``buffer`` when it has ``dtype``.
+    On CPU a slice of rows at a time: there a ``mul`` whose output dtype is not the computation's takes a float32
+    temporary of its whole size (4 bytes per weight); CUDA casts inside the kernel, and so does compiled code."""
     if buffer is None:
         return None
     if scale is None:
         return buffer.to(dtype)
     out = buffer if buffer.dtype == dtype else torch.empty_like(buffer, dtype=dtype)
-    return torch.mul(buffer, scale, out=out)
+    if buffer.is_cuda or torch.compiler.is_compiling():
+        return torch.mul(buffer, scale, out=out)
+    for rows in compensated_sum.row_slices(buffer):
+        torch.mul(buffer[rows], scale, out=out[rows])
+    return out
 
 
 def _uses_low_part(accumulator: str, dtype: torch.dtype) -> bool:
@@ -216,10 +222,12 @@ class _Gradients:
             elif grad_logits.is_cuda:  # cuBLAS reads and writes the float32 accumulator: no temporary
                 torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, out=self.weight)
             else:  # no mixed-precision GEMM on CPU: the float32 product a slice of the vocabulary at a time
-                for classes, product in compensated_sum.float32_products(grad_logits, h):
-                    self.weight[classes] += product
+                compensated_sum.add_float32_products(grad_logits, h, self._add_to_weight)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def _add_to_weight(self, classes: slice, product: Tensor) -> None:
+        self.weight[classes] += product
 
     def scaled(self, scale: Optional[Tensor],
                dtypes: Tuple[Optional[torch.dtype], ...]) -> Tuple[Optional[Tensor], ...]:

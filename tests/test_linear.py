@@ -499,6 +499,34 @@ def test_peak_memory_is_one_chunk_of_logits(case, compiler):
     assert _peak_cpu_bytes(fused) - gradients_bytes < 1.25 * chunk_bytes
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension's kernels")
+@pytest.mark.parametrize("accumulator, weight_bytes, backward_weight_bytes", [
+    ("float32", 4, 2), ("compensated", 3, 0), ("weight_dtype", 2, 0)])
+def test_cpu_peak_memory_is_one_chunk_and_the_accumulators(accumulator, weight_bytes, backward_weight_bytes,
+                                                           monkeypatch):
+    """The CUDA test's accounting on CPU, for bfloat16 weights: forward holds grad_W's sum and grad_b, grad_input and
+    one chunk of logits; backward adds only the bfloat16 grad_W returned from a float32 sum. CPU has no
+    mixed-precision GEMM or in-kernel casts, so its float32 products and elementwise steps go a slice at a time;
+    the slices are shrunk here (a 256 KiB product, 16 Ki elements) so that the slack, 1 byte per weight (measured
+    use: 0.5 to 0.6), holds them and the kernel's buffers, and a temporary of the whole grad_W (4 to 20 bytes per
+    weight before the slicing) fails."""
+    monkeypatch.setattr(linear.compensated_sum, "_VOCAB_SLICE_BYTES", 1 << 18)
+    monkeypatch.setattr(linear.compensated_sum, "_ELEMENTWISE_SLICE", 1 << 14)
+    rows, d, v, chunk = 128, 256, 4096, 32
+    h, w, b, y = make_inputs(rows=(rows,), d=d, v=v, dtype=torch.bfloat16)
+    losses = []
+
+    def forward():
+        losses.append(linear_flooded_cross_entropy(h, w, y, linear_bias=b, backend="cpu", chunk_size=chunk,
+                                                   grad_weight_accumulator=accumulator))
+
+    slack = w.numel()
+    forward_extra = _peak_cpu_bytes(forward)
+    accumulators_bytes = w.numel() * weight_bytes + b.numel() * 4
+    assert forward_extra <= accumulators_bytes + h.numel() * 2 + chunk * v * 2 + slack
+    assert _peak_cpu_bytes(losses[0].backward) <= w.numel() * backward_weight_bytes + slack
+
+
 @pytest.mark.parametrize("case, match, error", [
     ({"linear_weight": torch.randn(V, D + 1)}, r"linear_weight must have shape \(V, 8\)", ValueError),
     ({"linear_weight": torch.randn(D)}, "linear_weight must have shape", ValueError),
