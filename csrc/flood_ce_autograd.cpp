@@ -12,6 +12,8 @@
 // the ~8 tensor ops and autograd nodes of flood_kernels/_flood.py. Backward is one op: the saved per-row
 // scale times grad_output into the backward kernel, or, on the single-read path (loss_and_grad wrote the
 // gradient in forward, as flood_kernels/_single_read.py), scale_grad_ by grad_output.
+//
+// Both give first derivatives only: a backward with create_graph=True raises (check_first_derivative).
 
 #include "flood_ce.h"
 
@@ -108,6 +110,16 @@ at::Tensor row_gradients(const at::Tensor& grad_losses, const at::Tensor& logits
                           o.softcap, o.reverse_ce, o.reverse_ce_log_zero);
 }
 
+// Autograd does not record the kernels: their gradient would be a constant to a second derivative, which would
+// then be silently wrong. A backward with create_graph=True (grad mode on when it starts) raises instead, as the
+// Python registrations do (first_derivatives_only in flood_kernels/_ops.py).
+void check_first_derivative() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "flood_kernels: backward with create_graph=True (a gradient penalty, a Hessian-vector product, MAML): "
+              "the fused kernels give first derivatives only, and a second derivative through them would silently "
+              "miss the loss's curvature. Use backend='reference' (PyTorch ops, differentiable to any order)");
+}
+
 class FloodCrossEntropy : public torch::autograd::Function<FloodCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
@@ -129,6 +141,7 @@ class FloodCrossEntropy : public torch::autograd::Function<FloodCrossEntropy> {
     constexpr size_t kForwardArguments = 10;
     variable_list grads(kForwardArguments);
     if (!grad_outputs[0].defined()) return grads;
+    check_first_derivative();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& lse = saved[3];
     const at::Tensor grad_losses = grad_outputs[0].to(lse.scalar_type()).contiguous();
@@ -200,6 +213,7 @@ class FloodedLoss : public torch::autograd::Function<FloodedLoss> {
     constexpr size_t kForwardArguments = 14;
     variable_list grads(kForwardArguments);
     if (!grad_outputs[0].defined()) return grads;
+    check_first_derivative();
     const variable_list saved = ctx->get_saved_variables();
     if (ctx->saved_data["single_read"].toBool()) {
       TORCH_CHECK(!ctx->saved_data["gradient_handed_out"].toBool(),

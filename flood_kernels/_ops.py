@@ -39,6 +39,7 @@ over already holds grad_output, the flood sign and the mean denominator, and goe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -69,6 +70,32 @@ def _empty_row_outputs(logits: Tensor, *args: Any) -> Tuple[Tensor, Tensor]:
     """Uninitialized ``(losses, lse)``, ``(N,)`` and ``(N, 2)``; also the forward op's fake implementation."""
     rows, dtype = logits.shape[0], loss_dtype(logits.dtype)
     return logits.new_empty(rows, dtype=dtype), logits.new_empty(rows, 2, dtype=dtype)
+
+
+SECOND_DERIVATIVE_MESSAGE = (
+    "flood_kernels: backward with create_graph=True (a gradient penalty, a Hessian-vector product, MAML): the fused "
+    "kernels give first derivatives only, and a second derivative through them would silently miss the loss's "
+    "curvature. Use backend='reference' (PyTorch ops, differentiable to any order; for the fused linear loss, "
+    "flooded_cross_entropy(F.linear(input, linear_weight, linear_bias), target, backend='reference'))"
+)
+
+
+def first_derivatives_only(backward: Callable[..., Tuple[Any, ...]]) -> Callable[..., Tuple[Any, ...]]:
+    """Decorator for an autograd backward that runs kernels: it raises :data:`SECOND_DERIVATIVE_MESSAGE` when
+    called with create_graph=True (grad mode on in backward).
+
+    Autograd does not record the kernels, so their gradient would be a constant to a second derivative: wrong, and
+    silently so. ``torch.autograd.function.once_differentiable`` raises only when the gradient is differentiated
+    and a grad_output required grad, and never for ``torch.autograd.grad(penalty, inputs)``, which prunes its
+    error node (the node has no path to the logits; a single-read or fused-linear backward does not even hold
+    them). The C++ extension's backward checks the same (``csrc/flood_ce_autograd.cpp``)."""
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grad_outputs: Any) -> Tuple[Any, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
+        return backward(ctx, *grad_outputs)
+
+    return wrapper
 
 
 def _fake_backward(grad_losses: Tensor, logits: Tensor, *args: Any) -> Tensor:
@@ -125,6 +152,7 @@ def _make_autograd(ops: KernelOps):
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero tensor (a launch) for lse's gradient
 
+    @first_derivatives_only
     def backward(ctx: Any, grad_losses: Optional[Tensor],
                  grad_lse: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         if grad_losses is None:

@@ -32,6 +32,7 @@ from torch import Tensor
 from . import backends
 from ._flood import mean_denominator, reduce_and_flood
 from ._inputs import LossOptions, loss_dtype
+from ._ops import first_derivatives_only
 
 # Backends whose single-read path beat their two-pass path in a committed measurement.
 _FASTER_BY_MEASUREMENT = frozenset({"cpu"})
@@ -86,6 +87,7 @@ class SingleReadCrossEntropy(torch.autograd.Function):
         return loss, raw
 
     @staticmethod
+    @first_derivatives_only
     def backward(ctx: Any, grad_loss: Tensor, grad_raw: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         if getattr(ctx, "gradient_handed_out", False):
             raise RuntimeError(

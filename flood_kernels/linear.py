@@ -33,7 +33,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, compensated_sum
 from ._distributed import SharesProcessGroup, check_process_group
@@ -398,7 +397,7 @@ class _LinearRowLosses(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @once_differentiable
+    @_ops.first_derivatives_only
     def backward(ctx, grad_losses):
         with _autocast_off(grad_losses.device):
             if ctx.reduction == "none":
