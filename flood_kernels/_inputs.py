@@ -76,6 +76,13 @@ def check_flood_number(flood_level: object) -> None:
         raise ValueError(f"flood_level must be >= 0, got {flood_level}")
 
 
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running. The kernel backends' autograd is not
+    a functorch one (the extension's is C++; functorch rejects both), so under a transform "auto" is the reference
+    backend, and values are not checked on the host. Not asked while torch.compile traces."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """The arithmetic and output dtype: float32 for every input dtype, float64 for float64 input."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -86,7 +93,8 @@ def check_flood_level(flood_level: FloodLevel, flood: Optional[str], rows: int, 
     """Validate ``flood_level`` and return it as a ``dtype`` tensor on ``device``: 0-d, or ``(rows,)``.
 
     Python numbers are checked for sign and finiteness. Tensor levels are checked the same way only when
-    that costs no device synchronization (CPU tensors, outside torch.compile); on GPU they are trusted.
+    that costs no device synchronization (CPU tensors, outside torch.compile and torch.func transforms); on GPU they
+    are trusted.
     """
     if isinstance(flood_level, Tensor):
         if not (flood_level.is_floating_point() or flood_level.dtype in (torch.int32, torch.int64)):
@@ -102,7 +110,8 @@ def check_flood_level(flood_level: FloodLevel, flood: Optional[str], rows: int, 
                     f"per-sample flood_level must have the target's shape {tuple(row_shape)}, "
                     f"got {tuple(flood_level.shape)}"
                 )
-        if flood_level.device.type == "cpu" and not torch.compiler.is_compiling():
+        on_host = flood_level.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host and not functorch_transforms_active():
             if not bool(torch.isfinite(flood_level).all()) or bool((flood_level < 0).any()):
                 raise ValueError("flood_level must be finite and >= 0")
         level = flood_level.detach().to(device=device, dtype=dtype)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._inputs import functorch_transforms_active
 from ._ops import KernelOps
 
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
@@ -92,12 +93,13 @@ def _find_usable_backends(device_type: str) -> Tuple[str, ...]:
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend that will run: ``backend`` itself if usable on ``device``, or the choice of "auto"."""
+    """The backend that will run: ``backend`` itself if usable on ``device``, or the choice of "auto" (the reference
+    backend under ``torch.func`` transforms, see :func:`flood_kernels._inputs.functorch_transforms_active`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     usable = _usable_backends(device.type)
     if backend == "auto":
-        return usable[0]
+        return "reference" if functorch_transforms_active() else usable[0]
     if backend in usable:
         return backend
     if backend in ("cpu", "cuda") and device.type == backend:

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from . import _ops, backends, compensated_sum
 from ._distributed import SharesProcessGroup, check_process_group
-from ._inputs import FloodLevel, LossOptions, check_flood_level, check_target, check_weight, loss_dtype
+from ._inputs import (FloodLevel, LossOptions, check_flood_level, check_target, check_weight,
+                      functorch_transforms_active, loss_dtype)
 from .functional import flood_row_losses, row_losses
 
 _CHUNK_BYTES = 1 << 28
@@ -509,6 +510,11 @@ def linear_flooded_cross_entropy_with_options(
     backend: str, process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``linear_flooded_cross_entropy`` with validated options (what the module holds): ``(loss, raw_loss)``."""
+    if functorch_transforms_active():
+        raise RuntimeError("linear_flooded_cross_entropy does not run under torch.func transforms (grad, vmap, "
+                           "jacrev, ...): its chunked gradients are not a functorch autograd. Use "
+                           "flooded_cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...), which "
+                           "runs the reference backend under them")
     input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
     _check_linear(input, linear_weight, linear_bias)
     check_process_group(process_group, options.reduction)
