@@ -39,6 +39,7 @@ from ._distributed import SharesProcessGroup, check_process_group
 from ._inputs import (FloodLevel, LossOptions, check_flood_level, check_target, check_weight,
                       functorch_transforms_active, loss_dtype)
 from .functional import flood_row_losses, row_losses
+from .modules import LossOptionAttributes
 
 _CHUNK_BYTES = 1 << 28
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -536,7 +537,7 @@ def linear_flooded_cross_entropy_with_options(
     return flood_row_losses(losses, flat_target, weight, options, level, row_shape, process_group=process_group)
 
 
-class LinearFloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
+class LinearFloodedCrossEntropyLoss(LossOptionAttributes, SharesProcessGroup, nn.Module):
     """Loss module for :func:`linear_flooded_cross_entropy`; holds no linear weight (pass the LM head's).
 
     ``forward(input, linear_weight, target, linear_bias=None)``. ``weight`` and a tensor ``flood_level`` are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -12,7 +13,33 @@ from ._inputs import FloodLevel, LossOptions
 from .functional import flooded_cross_entropy_with_options
 
 
-class FloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
+def _option_attribute(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.options, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.options = dataclasses.replace(self.options, **{name: value})
+
+    return property(get, set_, doc=f"The loss option ``{name}``; an assignment is checked as the constructor does.")
+
+
+class LossOptionAttributes:
+    """The loss options of a module as attributes, as ``nn.CrossEntropyLoss`` has ``reduction``, ``ignore_index`` and
+    ``label_smoothing`` (code that reads ``criterion.ignore_index`` to mask its metrics, or sets
+    ``criterion.reduction``, keeps working). They read and replace the module's validated ``options``."""
+
+    options: LossOptions
+    flood = _option_attribute("flood")
+    ignore_index = _option_attribute("ignore_index")
+    reduction = _option_attribute("reduction")
+    label_smoothing = _option_attribute("label_smoothing")
+    z_loss = _option_attribute("z_loss")
+    softcap = _option_attribute("softcap")
+    reverse_ce = _option_attribute("reverse_ce")
+    reverse_ce_log_zero = _option_attribute("reverse_ce_log_zero")
+
+
+class FloodedCrossEntropyLoss(LossOptionAttributes, SharesProcessGroup, nn.Module):
     """``nn.CrossEntropyLoss`` with the flooding options of :func:`flooded_cross_entropy`.
 
     Same argument names, defaults, input layouts and target forms (class indices or probabilities) as
@@ -20,7 +47,8 @@ class FloodedCrossEntropyLoss(SharesProcessGroup, nn.Module):
     (moves with ``.to()``); a tensor ``flood_level`` is a buffer too, so a schedule can update it in place
     (``loss_fn.flood_level.fill_(b)``) without recompiling under torch.compile. After each call,
     ``last_raw_loss`` holds the unflooded loss, detached, for logging. ``process_group`` floods the loss of
-    the whole data-parallel batch (see :func:`flooded_cross_entropy`).
+    the whole data-parallel batch (see :func:`flooded_cross_entropy`). The loss options are attributes too
+    (``reduction``, ``ignore_index``, ``label_smoothing``, ``flood``, ...: :class:`LossOptionAttributes`).
     """
 
     def __init__(

@@ -11,7 +11,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch import nn
 
 import flood_kernels
-from flood_kernels import FloodedCrossEntropyLoss, available_backends, flooded_cross_entropy
+from flood_kernels import (FloodedCrossEntropyLoss, LinearFloodedCrossEntropyLoss, available_backends,
+                           flooded_cross_entropy)
+from flood_kernels._inputs import LossOptions
 
 from helpers import backend_cases, random_logits, random_target
 
@@ -194,3 +196,29 @@ def test_torch_compile_dynamic_batch_size_compiles_once(device, backend):
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[-1] == frames[0]
+
+
+@pytest.mark.parametrize("module_class", [FloodedCrossEntropyLoss, LinearFloodedCrossEntropyLoss])
+def test_loss_options_are_attributes_like_nn_cross_entropy_loss(module_class):
+    """Code that reads ``criterion.ignore_index`` or sets ``criterion.reduction`` works as with nn.CrossEntropyLoss;
+    an assignment is validated like the constructor's arguments, and a refused one changes nothing."""
+    ours = module_class(flood=None, ignore_index=3, reduction="sum", label_smoothing=0.2)
+    theirs = nn.CrossEntropyLoss(ignore_index=3, reduction="sum", label_smoothing=0.2)
+    for name in ("ignore_index", "reduction", "label_smoothing"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    ours.reduction, ours.z_loss, ours.flood = "mean", 1e-3, "individual"
+    assert ours.options == LossOptions(flood="individual", ignore_index=3, reduction="mean", label_smoothing=0.2,
+                                       z_loss=1e-3)
+    with pytest.raises(ValueError, match="reduction"):
+        ours.reduction = "max"
+    with pytest.raises(ValueError, match="reduction='none'"):
+        module_class(flood="batch").reduction = "none"
+    assert ours.reduction == "mean"
+
+
+def test_assigned_reduction_is_the_one_used():
+    x, target = _inputs()
+    loss_fn, plain = FloodedCrossEntropyLoss(flood=None), nn.CrossEntropyLoss()
+    for reduction in ("sum", "none"):
+        loss_fn.reduction = plain.reduction = reduction
+        torch.testing.assert_close(loss_fn(x, target), plain(x, target), rtol=1e-5, atol=1e-6)
