@@ -76,11 +76,15 @@ def check_flood_number(flood_level: object) -> None:
         raise ValueError(f"flood_level must be >= 0, got {flood_level}")
 
 
+# A private torch function (in torch 2.11 and 2.13); were it gone, transforms would meet the kernels' own errors.
+_ARE_FUNCTORCH_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def functorch_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running. The kernel backends' autograd is not
     a functorch one (the extension's is C++; functorch rejects both), so under a transform "auto" is the reference
     backend, and values are not checked on the host. Not asked while torch.compile traces."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    return not torch.compiler.is_compiling() and _ARE_FUNCTORCH_TRANSFORMS_ACTIVE()
 
 
 def loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
