@@ -70,10 +70,9 @@ def reduce_and_flood(
         return (losses if flooded_rows is None else flooded_rows), losses.detach()
     sums = [losses.sum()] if flooded_rows is None else [losses.sum(), flooded_rows.sum()]
     if reduction == "mean":
-        if denominator is None and target is None:
-            denominator = torch.full((), losses.shape[0], dtype=losses.dtype, device=losses.device)
-        elif denominator is None:
-            denominator = mean_denominator(target, weight, ignore_index, losses.dtype)
+        if denominator is None:
+            denominator = (torch.full((), losses.shape[0], dtype=losses.dtype, device=losses.device)
+                           if target is None else mean_denominator(target, weight, ignore_index, losses.dtype))
         sums.append(denominator)
     if process_group is not None:
         sums = list(group_sums(sums, process_group))

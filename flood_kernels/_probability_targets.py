@@ -8,7 +8,8 @@ classes and z-loss ``zeta``::
     l_i  = -sum_c w_c * q'_ic * log_softmax(z_i)_c  +  zeta * lse_i**2
 
 "mean" divides by the number of samples whatever the weights, and ``ignore_index`` does not apply (both as in
-PyTorch). The flood transform and the reduction are those of class-index targets (:mod:`flood_kernels._flood`).
+PyTorch). The rest of the loss (checks, backend, flood transform, reduction) is that of class-index targets in
+:func:`flood_kernels.functional.flooded_cross_entropy_with_options`, with no target indices to mask rows.
 
 These losses are PyTorch ops in the loss dtype on every backend, not the fused kernels: the per-row loss reads
 the ``N x V`` targets next to the logits, and autograd's backward is a few passes over both (eager
@@ -23,9 +24,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import backends
-from ._flood import reduce_and_flood
-from ._inputs import FloodLevel, LossOptions, check_flood_level, check_weight, class_rows, input_rows, loss_dtype
+from ._inputs import LossOptions, class_rows, input_rows, loss_dtype
 from .reference import softcapped
 
 
@@ -34,7 +33,8 @@ def is_probability_target(target: Any) -> bool:
     return isinstance(target, Tensor) and target.is_floating_point()
 
 
-def _check_options(options: LossOptions, inplace_backward: bool) -> None:
+def check_options(options: LossOptions, inplace_backward: bool) -> None:
+    """The class-index options that probability targets refuse, each naming itself."""
     if options.ignore_index != -100:
         raise ValueError(f"ignore_index={options.ignore_index} is not supported with probability targets (as in "
                          "nn.CrossEntropyLoss); leave it at -100, every sample counts")
@@ -70,21 +70,3 @@ def row_losses(logits: Tensor, probabilities: Tensor, weight: Optional[Tensor], 
         losses = losses + options.z_loss * torch.logsumexp(z, dim=1).square()
     return losses
 
-
-def flooded_cross_entropy(
-    input: Tensor, target: Tensor, options: LossOptions, flood_level: FloodLevel, weight: Optional[Tensor],
-    backend: str, inplace_backward: bool = False, process_group: Optional[Any] = None,
-) -> Tuple[Tensor, Tensor]:
-    """``(loss, raw_loss)`` of :func:`flood_kernels.flooded_cross_entropy` for probability targets."""
-    _check_options(options, inplace_backward)
-    logits, probabilities, row_shape = probability_rows(input, target)
-    dtype = loss_dtype(logits.dtype)
-    weight = check_weight(weight, logits.shape[1], logits.device, dtype)
-    level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
-    backends.resolve(backend, logits.device)
-    losses = row_losses(logits, probabilities, weight, options)
-    loss, raw = reduce_and_flood(losses, None, weight, options.ignore_index, options.reduction, options.flood, level,
-                                 process_group=process_group)
-    if options.reduction == "none":
-        return loss.reshape(row_shape), raw.reshape(row_shape)
-    return loss, raw

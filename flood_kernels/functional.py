@@ -37,11 +37,11 @@ def row_losses(
 
 
 def flood_row_losses(
-    losses: Tensor, target: Tensor, weight: Optional[Tensor], options: LossOptions, level: Tensor,
+    losses: Tensor, target: Optional[Tensor], weight: Optional[Tensor], options: LossOptions, level: Tensor,
     row_shape: torch.Size, backend: str = "reference", process_group: Optional[Any] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Reduce and flood per-row losses (over the ranks of ``process_group`` when given); ``(loss, raw_loss)``
-    with ``reduction='none'`` output reshaped. GPU backends run the epilogue as one kernel
+    with ``reduction='none'`` output reshaped. ``target`` None: probability targets (every row counts). GPU backends run the epilogue as one kernel
     (:func:`flood_kernels.backends.epilogue_op`)."""
     loss, raw = reduce_and_flood(losses, target, weight, options.ignore_index, options.reduction, options.flood,
                                  level, epilogue=backends.epilogue_op(backend, losses.shape[0]),
@@ -111,14 +111,19 @@ def flooded_cross_entropy_with_options(
     the per-row losses come from the two-pass kernels and the epilogue sums over the group.
     """
     check_process_group(process_group, options.reduction)
-    if _probability_targets.is_probability_target(target):
-        return _probability_targets.flooded_cross_entropy(input, target, options, flood_level, weight, backend,
-                                                          inplace_backward, process_group)
-    logits, flat_target, row_shape = as_rows(input, target)
+    probabilities = _probability_targets.is_probability_target(target)
+    if probabilities:  # flat_target: (rows, C) class probabilities instead of (rows,) indices
+        _probability_targets.check_options(options, inplace_backward)
+        logits, flat_target, row_shape = _probability_targets.probability_rows(input, target)
+    else:
+        logits, flat_target, row_shape = as_rows(input, target)
     dtype = loss_dtype(logits.dtype)
     weight = check_weight(weight, logits.shape[1], logits.device, dtype)
     level = check_flood_level(flood_level, options.flood, logits.shape[0], row_shape, logits.device, dtype)
     name = backends.resolve(backend, logits.device)
+    if probabilities:  # PyTorch ops on every backend; every row counts
+        losses = _probability_targets.row_losses(logits, flat_target, weight, options)
+        return flood_row_losses(losses, None, weight, options, level, row_shape, process_group=process_group)
     if process_group is None:
         single_read = _single_read.eligible(logits, options, level, name, inplace_backward, single_read)
         if options.reduction != "none" and backends.has_fused_loss(name):
